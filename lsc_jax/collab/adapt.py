@@ -21,6 +21,7 @@ table stays frozen and is read once per chunk.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -96,7 +97,7 @@ class AdaptConfig:
   learning_rate: float = 0.05
   optimizer: str = 'sgd'
   num_negatives: int = 4
-  chunk_size: int = 256
+  chunk_size: int = 32
   is_adapted: PathPredicate = all_but_item_table
 
   def __post_init__(self):
@@ -230,29 +231,33 @@ def build_device_data(
 
 
 def make_device_update(
-  model, frozen, config: AdaptConfig
+  model, config: AdaptConfig
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  """Returns `update(adapted, device_batch) -> (scores [K], losses [steps])`.
+  """Returns `update(adapted, frozen, *device) -> (scores [K], losses)`.
 
   The update fine-tunes one device's copy of the adapted parameters for
   `config.num_steps` full-batch steps on its recent windows (BCE over the
   target and its negatives, the paper's re-training loss), then scores the
-  device's evaluation candidates with the result. `frozen` is closed over:
-  it is shared by every device. `device_batch` is one row of `DeviceData`
-  as a tuple of arrays.
+  device's evaluation candidates with the result. `frozen` (the shared
+  parameters, e.g. the item table) is an argument, not a constant, so one
+  compiled update serves any parameter values. `device` is one row of
+  `DeviceData`: history, candidates, mask, eval_history, eval_candidates.
+  Returns the scores `[K]` and the loss before each step `[num_steps]`.
   """
   optimizer = config.make_optimizer()
 
-  def loss_fn(adapted, history, candidates, mask):
+  def loss_fn(adapted, frozen, history, candidates, mask):
     params = merge_params(adapted, frozen)
     logits = model.apply(params, history, candidates)
     return losses.bce_with_negatives(logits[:, 0], logits[:, 1:], mask)
 
-  def update(adapted, history, candidates, mask, eval_history, eval_items):
+  def update(
+    adapted, frozen, history, candidates, mask, eval_history, eval_items
+  ):
     def step(carry, _):
       adapted, opt_state = carry
       loss, grads = jax.value_and_grad(loss_fn)(
-        adapted, history, candidates, mask
+        adapted, frozen, history, candidates, mask
       )
       updates, opt_state = optimizer.update(grads, opt_state, adapted)
       return (optax.apply_updates(adapted, updates), opt_state), loss
@@ -268,6 +273,31 @@ def make_device_update(
   return update
 
 
+@functools.lru_cache(maxsize=16)
+def _chunk_function(model, config: AdaptConfig):
+  """The jitted, vmapped update over a chunk of devices (cached).
+
+  Returns (function, traces): `traces[0]` counts how often it was traced,
+  i.e. compiled for new shapes.
+  """
+  update = jax.vmap(
+    make_device_update(model, config), in_axes=(None, None, 0, 0, 0, 0, 0)
+  )
+  traces = [0]
+
+  def run_chunk(adapted, frozen, *device_rows):
+    traces[0] += 1
+    return update(adapted, frozen, *device_rows)
+
+  return jax.jit(run_chunk), traces
+
+
+@functools.lru_cache(maxsize=16)
+def _device_function(model, config: AdaptConfig):
+  """The jitted update of one device (cached), for the loop baseline."""
+  return jax.jit(make_device_update(model, config))
+
+
 @dataclasses.dataclass
 class AdaptResult:
   """Scores of every device's adapted copy.
@@ -280,7 +310,8 @@ class AdaptResult:
     adapted_bytes: bytes of one device's adapted parameters.
     state_bytes: bytes of one device's adapted parameters plus optimizer
       state, i.e. what each device's copy costs during adaptation.
-    num_compiles: how many times the chunk function compiled (1 expected).
+    num_compiles: how many new shapes the chunk function compiled for
+      (1 on a first call, 0 when a previous call had the same shapes).
   """
 
   scores: np.ndarray
@@ -334,13 +365,8 @@ def adapt_and_score(
         f'adapt_and_score: {num_oov} {name} ids outside 0..{model.num_items}'
       )
 
-  update = make_device_update(model, frozen, config)
-  compiles = []
-
-  @jax.jit
-  def run_chunk(adapted, *chunk):
-    compiles.append(1)
-    return jax.vmap(update, in_axes=(None, 0, 0, 0, 0, 0))(adapted, *chunk)
+  run_chunk, traces = _chunk_function(model, config)
+  traces_before = traces[0]
 
   num_devices = len(data)
   size = min(config.chunk_size, max(num_devices, 1))
@@ -350,7 +376,7 @@ def adapt_and_score(
     index = np.arange(start, start + size)
     index = np.where(index < stop, index, start)  # filler rows repeat row 0
     chunk = [np.asarray(f)[index] for f in _fields(data)]
-    chunk_scores, chunk_losses = run_chunk(adapted, *chunk)
+    chunk_scores, chunk_losses = run_chunk(adapted, frozen, *chunk)
     n = stop - start
     scores.append(np.asarray(chunk_scores)[:n])
     first.append(np.asarray(chunk_losses)[:n, 0])
@@ -366,7 +392,7 @@ def adapt_and_score(
     last_loss=np.concatenate(last) if last else np.zeros(0, np.float32),
     adapted_bytes=tree_bytes(adapted),
     state_bytes=tree_bytes(adapted) + tree_bytes(optimizer.init(adapted)),
-    num_compiles=len(compiles),
+    num_compiles=traces[0] - traces_before,
   )
 
 
@@ -379,10 +405,10 @@ def adapt_and_score_loop(
   reference for tests. Returns float32 `[num_devices, K]` scores.
   """
   adapted, frozen = partition_params(params, config.is_adapted)
-  update = jax.jit(make_device_update(model, frozen, config))
+  update = _device_function(model, config)
   rows = []
   for i in range(len(data)):
-    scores, _ = update(adapted, *(f[i] for f in _fields(data)))
+    scores, _ = update(adapted, frozen, *(f[i] for f in _fields(data)))
     rows.append(np.asarray(scores))
   return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 

@@ -1,0 +1,880 @@
+"""The whole LSC4Rec pipeline as cached stages.
+
+Stages (each writes its output under `workdir/<stage>/` and is skipped on a
+rerun once finished; the training stages also resume mid-run from their
+checkpoints):
+
+1. `llm`: train the cloud LLM on the LLM windows of the device-cloud split.
+2. `srm_independent`: train the SRM on its own windows.
+3. `lists`: the frozen LLM generates candidate lists: for the cooperative
+   training windows, and for validation and test users from the stale
+   history (the cloud's cached view, gap g) and the fresh history (what a
+   request returns).
+4. `srm_cooperative`: the SRM learns to rank inside the LLM's lists.
+5. `srm_retrained`: global adaptive re-training on the newest device-side
+   windows (the paper's re-training).
+6. per-device adaptation (vmapped over devices, chunked): each device
+   fine-tunes its own copy of a parameter subset on its recent windows.
+7. the device-cloud simulation: SRM re-ranking, fusion, the Kendall gate
+   and request policies at several budgets; a table, `results.json`,
+   `results.md` and `request_curve.png`.
+
+The library reads no flags: `experiments/lsc4rec.py` builds a
+`PipelineConfig` and calls `run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from lsc_jax import checkpoint
+from lsc_jax import data as data_lib
+from lsc_jax.collab import adapt as adapt_lib
+from lsc_jax.collab import cooperative, rerank, simulate
+from lsc_jax.models import registry
+from lsc_jax.train import srm_steps
+
+_LOG = logging.getLogger(__name__)
+
+KS = (1, 5, 10, 20)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Every setting of the pipeline.
+
+  Attributes:
+    dataset: built-in name or path (see `lsc_jax.data.load`).
+    reindex: 'random' (default) or 'keep' item ids.
+    max_users: keep only the first N users (None: all), for quick runs.
+    seed: the one seed every stage derives from.
+    gap: staleness gap g of the cloud's cached lists.
+    device_window: newest training targets that live only on the device.
+    srm: 'sasrec', 'gru4rec' or 'din'.
+    srm_preset: SRM size and training preset.
+    srm_epochs: override the preset's epochs (None: keep).
+    llm_preset: LLM size preset.
+    llm_epochs: override the LLM preset's epochs (None: keep).
+    id_scheme: 'atomic' (one token per item) or 'text' (decimal digits).
+    num_candidates: K, the length of the LLM's lists at test time.
+    beam_size: beams of the LLM's search (>= num_candidates).
+    coop_candidates: K of the lists for cooperative training (the paper:
+      20).
+    coop_windows_per_user: newest SRM training windows per user that get a
+      cooperative list.
+    coop: cooperative training settings.
+    retrain_epochs: epochs of global re-training on device windows.
+    adapt: per-device adaptation settings.
+    adapt_devices: adapt per device (stage 6) or not.
+    final_srm: SRM whose scores the fusion and the gate use: 'retrained'
+      (the paper), 'adapted', 'cooperative' or 'independent'.
+    alpha: LLM weight of the fusion.
+    llm_score: 'rank' (the paper: 1 - j/K) or 'logprob'.
+    normalisation: SRM score normalisation of the fusion.
+    consistency: 'kendall' (tau-b) or 'footrule' (the official code's).
+    ratios: request budgets to simulate.
+    workdir: where every stage writes.
+  """
+
+  dataset: str = 'beauty'
+  reindex: str = 'random'
+  max_users: int | None = None
+  seed: int = 0
+  gap: int = 2
+  device_window: int = 3
+  srm: str = 'sasrec'
+  srm_preset: str = 'cpu'
+  srm_epochs: int | None = None
+  llm_preset: str = 'cpu'
+  llm_epochs: int | None = None
+  id_scheme: str = 'atomic'
+  num_candidates: int = 50
+  beam_size: int = 50
+  coop_candidates: int = 20
+  coop_windows_per_user: int = 1
+  coop: cooperative.CooperativeConfig = cooperative.CooperativeConfig()
+  retrain_epochs: int = 3
+  adapt: adapt_lib.AdaptConfig = adapt_lib.AdaptConfig()
+  adapt_devices: bool = True
+  final_srm: str = 'retrained'
+  alpha: float = 0.5
+  llm_score: str = 'rank'
+  normalisation: str = 'sigmoid'
+  consistency: str = 'kendall'
+  ratios: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+  workdir: str = 'workdir/lsc4rec'
+
+  def __post_init__(self):
+    if self.final_srm not in SRM_STAGES:
+      raise ValueError(
+        f'final_srm must be one of {SRM_STAGES}, got {self.final_srm!r}'
+      )
+    if self.final_srm == 'adapted' and not self.adapt_devices:
+      raise ValueError("final_srm='adapted' needs adapt_devices=True")
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f'alpha must be in [0, 1], got {self.alpha}')
+    bad = [r for r in self.ratios if not 0.0 <= r <= 1.0]
+    if bad:
+      raise ValueError(f'ratios must be in [0, 1], got {bad}')
+    object.__setattr__(self, 'ratios', tuple(float(r) for r in self.ratios))
+
+  def to_dict(self) -> dict[str, Any]:
+    out = {}
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if dataclasses.is_dataclass(value):
+        value = {
+          k: v for k, v in dataclasses.asdict(value).items() if not callable(v)
+        }
+      out[field.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+SRM_STAGES = ('independent', 'cooperative', 'retrained', 'adapted')
+
+# Named settings of `PipelineConfig` (fields not named keep their default).
+PRESETS: dict[str, dict[str, Any]] = {
+  # Sized for two CPU cores: about half an hour end to end on Beauty.
+  'cpu': dict(srm_preset='cpu', llm_preset='cpu'),
+  # Tiny models on the first users: seconds per stage, for tests.
+  'smoke': dict(
+    srm_preset='smoke',
+    llm_preset='smoke',
+    max_users=400,
+    srm_epochs=2,
+    llm_epochs=2,
+    retrain_epochs=1,
+    num_candidates=10,
+    beam_size=10,
+    coop_candidates=5,
+    coop=cooperative.CooperativeConfig(epochs=1, num_negatives=5),
+    adapt=adapt_lib.AdaptConfig(num_steps=2, chunk_size=64),
+  ),
+  # The paper's sizes: T5-small, SRM d 32 with history 10, decimal ids.
+  'paper': dict(srm_preset='paper', llm_preset='t5-small', id_scheme='text'),
+}
+
+
+# ---------------------------------------------------------------------------
+# Stage bookkeeping.
+
+
+class Stages:
+  """Times stages, logs one summary line each and marks them finished."""
+
+  def __init__(self, workdir: str, log: Callable[[str], None]):
+    self.workdir = workdir
+    self.log = log
+    self.seconds: dict[str, float] = {}
+    os.makedirs(workdir, exist_ok=True)
+
+  def path(self, stage: str, *parts: str) -> str:
+    return os.path.join(self.workdir, stage, *parts)
+
+  def done(self, stage: str) -> dict[str, Any] | None:
+    """The summary a finished stage left, or None."""
+    marker = self.path(stage, 'done.json')
+    if not os.path.exists(marker):
+      return None
+    with open(marker) as f:
+      return json.load(f)
+
+  def finish(self, stage: str, summary: dict[str, Any], seconds: float):
+    os.makedirs(self.path(stage), exist_ok=True)
+    record = dict(summary, seconds=round(seconds, 2))
+    tmp = self.path(stage, 'done.json.tmp')
+    with open(tmp, 'w') as f:
+      json.dump(record, f, indent=1, sort_keys=True, default=float)
+    os.replace(tmp, self.path(stage, 'done.json'))
+    self.seconds[stage] = seconds
+    self.log(f'[{stage}] finished in {seconds:.1f} s: ' + _short(summary))
+
+
+def _short(summary: dict[str, Any]) -> str:
+  parts = []
+  for key, value in summary.items():
+    if isinstance(value, float):
+      parts.append(f'{key} {value:.4f}')
+    elif isinstance(value, int | str):
+      parts.append(f'{key} {value}')
+  return ', '.join(parts[:8])
+
+
+def _save_params(path: str, params, metadata: dict[str, Any]):
+  checkpoint.save(path, 0, params, metadata, keep=1)
+
+
+def _load_params(path: str, like):
+  restored = checkpoint.restore_latest(path, like)
+  if restored is None:
+    raise checkpoint.CheckpointError(
+      f'{path}: the stage is marked finished but holds no parameters; '
+      'delete its directory to recompute it'
+    )
+  return restored[0]
+
+
+def _save_arrays(path: str, **arrays):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def _load_arrays(path: str) -> dict[str, np.ndarray] | None:
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  except (OSError, ValueError) as error:
+    raise ValueError(
+      f'{path}: cached arrays are unreadable ({error}); delete the file to '
+      'recompute them'
+    ) from error
+
+
+# ---------------------------------------------------------------------------
+# Data.
+
+
+def load_data(config: PipelineConfig, log: Callable[[str], None]):
+  """The dataset (optionally its first `max_users` users) and its split."""
+  dataset = data_lib.load(
+    config.dataset, reindex=config.reindex, seed=config.seed, log_fn=log
+  )
+  if config.max_users is not None and config.max_users < dataset.num_users:
+    dataset = dataclasses.replace(
+      dataset,
+      sequences=dataset.sequences[: config.max_users],
+      timestamps=(
+        dataset.timestamps[: config.max_users]
+        if dataset.timestamps is not None
+        else None
+      ),
+      user_raw_ids=dataset.user_raw_ids[: config.max_users],
+    )
+    log(
+      f'kept the first {dataset.num_users:,} users '
+      f'({dataset.num_interactions:,} interactions)'
+    )
+  split = data_lib.positional_split(
+    dataset, gap=config.gap, device_window=config.device_window
+  )
+  for line in split.summary_text().splitlines():
+    log(line)
+  return dataset, split
+
+
+def newest_windows(windows: data_lib.Windows, per_user: int):
+  """Each user's newest `per_user` windows."""
+  order = np.lexsort((-windows.positions, windows.users))
+  users = windows.users[order]
+  rank = np.arange(len(users)) - np.searchsorted(users, users, side='left')
+  return windows.select(np.sort(order[rank < per_user]))
+
+
+# ---------------------------------------------------------------------------
+# The pipeline.
+
+
+@dataclasses.dataclass
+class Context:
+  config: PipelineConfig
+  dataset: Any
+  split: Any
+  stages: Stages
+  log: Callable[[str], None]
+  model: Any = None
+  srm_config: Any = None
+  params: dict[str, Any] = dataclasses.field(default_factory=dict)
+  srm_full: dict[str, dict[str, float]] = dataclasses.field(
+    default_factory=dict
+  )
+  lists: dict[str, dict[str, np.ndarray]] = dataclasses.field(
+    default_factory=dict
+  )
+  llm: Any = None
+  llm_test: dict[str, float] = dataclasses.field(default_factory=dict)
+  coop_windows: Any = None
+  timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _srm_config(config: PipelineConfig, **overrides):
+  if config.srm_epochs is not None:
+    overrides.setdefault('epochs', config.srm_epochs)
+  return registry.get_srm_config(config.srm, config.srm_preset, **overrides)
+
+
+def stage_llm(ctx: Context):
+  """Trains (or restores) the cloud LLM; stores `ctx.llm`."""
+  from lsc_jax.train import llm_steps
+
+  config = ctx.config
+  start = time.perf_counter()
+  finished = ctx.stages.done('llm')
+  run = llm_steps.train_llm(
+    sequences=ctx.dataset.sequences,
+    num_users=ctx.dataset.num_users,
+    num_items=ctx.dataset.num_items,
+    split=ctx.split,
+    preset=config.llm_preset,
+    id_scheme=config.id_scheme,
+    seed=config.seed,
+    epochs=config.llm_epochs,
+    workdir=ctx.stages.path('llm'),
+    log=ctx.log,
+  )
+  ctx.llm = run.llm
+  if finished is None:
+    ctx.stages.finish(
+      'llm', {'epochs': len(run.loop.history)}, time.perf_counter() - start
+    )
+
+
+def stage_srm_independent(ctx: Context):
+  config = ctx.config
+  ctx.srm_config = _srm_config(config)
+  ctx.model = registry.srm_from_config(
+    config.srm, ctx.dataset.num_items, ctx.srm_config
+  )
+  like = srm_steps.init_params(ctx.model, ctx.srm_config.max_len, config.seed)
+  finished = ctx.stages.done('srm_independent')
+  if finished is not None:
+    ctx.params['independent'] = _load_params(
+      ctx.stages.path('srm_independent', 'params'), like
+    )
+    ctx.srm_full['independent'] = finished['test']
+    return
+  start = time.perf_counter()
+  run = srm_steps.train_srm(
+    config.srm,
+    sequences=ctx.dataset.sequences,
+    num_items=ctx.dataset.num_items,
+    train_windows=ctx.split.srm_train,
+    valid_windows=ctx.split.valid,
+    test_windows=ctx.split.test,
+    config=ctx.srm_config,
+    seed=config.seed,
+    workdir=ctx.stages.path('srm_independent', 'train'),
+    ks=KS,
+    log=ctx.log,
+  )
+  ctx.params['independent'] = run.params
+  ctx.srm_full['independent'] = run.test
+  _save_params(
+    ctx.stages.path('srm_independent', 'params'),
+    run.params,
+    {'stage': 'srm_independent'},
+  )
+  ctx.stages.finish(
+    'srm_independent',
+    {'valid': run.valid, 'test': run.test, 'best_epoch': run.loop.best_epoch},
+    time.perf_counter() - start,
+  )
+
+
+def _generate(ctx: Context, name: str, windows, *, gap: int, k: int):
+  """LLM lists for `windows`, cached as `lists/<name>.npz`."""
+  from lsc_jax.models import llm as llm_lib
+
+  path = ctx.stages.path('lists', f'{name}.npz')
+  cached = _load_arrays(path)
+  if cached is not None:
+    ctx.lists[name] = cached
+    return cached
+  start = time.perf_counter()
+  items, scores = llm_lib.generate_for_windows(
+    ctx.llm,
+    ctx.dataset.sequences,
+    windows.users,
+    windows.positions,
+    gap=gap,
+    num_candidates=k,
+    beam_size=max(
+      k, ctx.config.beam_size if k == ctx.config.num_candidates else k
+    ),
+    log_fn=ctx.log,
+  )
+  seconds = time.perf_counter() - start
+  ctx.timings[f'llm_generate_{name}'] = seconds
+  result = {
+    'items': items,
+    'llm_scores': scores,
+    'seconds_per_user': np.float64(seconds / max(len(windows), 1)),
+  }
+  _save_arrays(path, **result)
+  ctx.lists[name] = result
+  ctx.log(f'[lists] {name}: {len(windows):,} lists of {k} in {seconds:.1f} s')
+  return result
+
+
+def stage_lists(ctx: Context):
+  """Every LLM list the later stages need."""
+  config, split = ctx.config, ctx.split
+  ctx.coop_windows = newest_windows(
+    split.srm_train, config.coop_windows_per_user
+  )
+  _generate(
+    ctx,
+    'coop_train',
+    ctx.coop_windows,
+    gap=config.gap,
+    k=config.coop_candidates,
+  )
+  for part in ('valid', 'test'):
+    windows = getattr(split, part)
+    _generate(
+      ctx, f'{part}_stale', windows, gap=config.gap, k=config.num_candidates
+    )
+    _generate(ctx, f'{part}_fresh', windows, gap=0, k=config.num_candidates)
+  flat = data_lib.flatten(ctx.dataset.sequences)
+  for part in ('valid', 'test'):
+    windows = getattr(split, part)
+    targets = flat.items[flat.offsets[windows.users] + windows.positions]
+    for view in ('stale', 'fresh'):
+      hit = (ctx.lists[f'{part}_{view}']['items'] == targets[:, None]).any(1)
+      ctx.llm_test[f'{part}_{view}_recall@{config.num_candidates}'] = float(
+        hit.mean()
+      )
+  if ctx.stages.done('lists') is None:
+    ctx.stages.finish('lists', dict(ctx.llm_test), 0.0)
+
+
+def _histories(ctx: Context, windows) -> np.ndarray:
+  return data_lib.histories(
+    ctx.dataset.sequences,
+    windows.users,
+    windows.positions,
+    ctx.srm_config.max_len,
+  )
+
+
+def _targets(ctx: Context, windows) -> np.ndarray:
+  flat = data_lib.flatten(ctx.dataset.sequences)
+  return flat.items[flat.offsets[windows.users] + windows.positions]
+
+
+def stage_cooperative(ctx: Context):
+  config = ctx.config
+  like = ctx.params['independent']
+  finished = ctx.stages.done('srm_cooperative')
+  if finished is not None:
+    ctx.params['cooperative'] = _load_params(
+      ctx.stages.path('srm_cooperative', 'params'), like
+    )
+    return
+  start = time.perf_counter()
+  lists = cooperative.build_training_lists(
+    ctx.dataset.sequences,
+    ctx.coop_windows,
+    ctx.lists['coop_train']['items'],
+    num_items=ctx.dataset.num_items,
+    max_len=ctx.srm_config.max_len,
+    num_negatives=config.coop.num_negatives,
+    seed=config.seed,
+  )
+  valid = ctx.split.valid
+  evaluate = cooperative.make_list_evaluator(
+    ctx.model,
+    _histories(ctx, valid),
+    ctx.lists['valid_stale']['items'],
+    _targets(ctx, valid),
+    ks=KS,
+  )
+  before = evaluate(ctx.params['independent'])
+  result = cooperative.train_cooperative(
+    ctx.model,
+    ctx.params['independent'],
+    lists,
+    config.coop,
+    evaluate=evaluate,
+    seed=config.seed,
+    workdir=ctx.stages.path('srm_cooperative', 'train'),
+    log=ctx.log,
+  )
+  after = evaluate(result.best_params)
+  metric = config.coop.early_stop_metric
+  # Early stopping never looked at epoch 0: keep the independent SRM if no
+  # cooperative epoch beat it on validation.
+  params = result.best_params
+  if after[metric] < before[metric]:
+    ctx.log(
+      f'[srm_cooperative] no epoch beat the independent SRM on '
+      f'validation {metric} ({after[metric]:.4f} < '
+      f'{before[metric]:.4f}); keeping the independent parameters'
+    )
+    params = ctx.params['independent']
+  ctx.params['cooperative'] = params
+  _save_params(
+    ctx.stages.path('srm_cooperative', 'params'),
+    params,
+    {'stage': 'srm_cooperative'},
+  )
+  ctx.stages.finish(
+    'srm_cooperative',
+    {
+      f'valid_in_lists_before/{metric}': before[metric],
+      f'valid_in_lists_after/{metric}': after[metric],
+      'training_lists': len(lists),
+    },
+    time.perf_counter() - start,
+  )
+
+
+def stage_retrain(ctx: Context):
+  """Global re-training on the newest device-side windows."""
+  config = ctx.config
+  like = ctx.params['cooperative']
+  finished = ctx.stages.done('srm_retrained')
+  if finished is not None:
+    ctx.params['retrained'] = _load_params(
+      ctx.stages.path('srm_retrained', 'params'), like
+    )
+    ctx.srm_full['retrained'] = finished['test']
+    return
+  start = time.perf_counter()
+  # One target per recent window; DIN keeps its sampled loss.
+  loss = ctx.srm_config.loss
+  retrain_config = dataclasses.replace(
+    ctx.srm_config,
+    objective='last_item',
+    epochs=config.retrain_epochs,
+    patience=1,
+    bucket_edges=ctx.srm_config.bucket_edges,
+    loss=loss,
+  )
+  run = srm_steps.train_srm(
+    config.srm,
+    sequences=ctx.dataset.sequences,
+    num_items=ctx.dataset.num_items,
+    train_windows=ctx.split.device_recent,
+    valid_windows=ctx.split.valid,
+    test_windows=ctx.split.test,
+    config=retrain_config,
+    seed=config.seed,
+    workdir=ctx.stages.path('srm_retrained', 'train'),
+    params=jax.tree.map(np.array, ctx.params['cooperative']),
+    ks=KS,
+    log=ctx.log,
+  )
+  ctx.params['retrained'] = run.params
+  ctx.srm_full['retrained'] = run.test
+  _save_params(
+    ctx.stages.path('srm_retrained', 'params'),
+    run.params,
+    {'stage': 'srm_retrained'},
+  )
+  ctx.stages.finish(
+    'srm_retrained',
+    {'valid': run.valid, 'test': run.test, 'best_epoch': run.loop.best_epoch},
+    time.perf_counter() - start,
+  )
+
+
+def _srm_scores(ctx: Context, stage: str, part: str) -> dict[str, np.ndarray]:
+  """SRM logits of the stale and fresh lists of `part` for an SRM stage."""
+  windows = getattr(ctx.split, part)
+  history = _histories(ctx, windows)
+  out = {}
+  for view in ('stale', 'fresh'):
+    items = ctx.lists[f'{part}_{view}']['items']
+    start = time.perf_counter()
+    out[view] = rerank.score_lists(ctx.model, ctx.params[stage], history, items)
+    ctx.timings[f'srm_score_{stage}_{part}_{view}'] = (
+      time.perf_counter() - start
+    )
+  return out
+
+
+def stage_adapt(ctx: Context, part: str) -> dict[str, np.ndarray]:
+  """Per-device adaptation, scoring `part`'s stale and fresh lists."""
+  path = ctx.stages.path('adapted', f'{part}_scores.npz')
+  cached = _load_arrays(path)
+  if cached is not None:
+    return cached
+  config = ctx.config
+  windows = getattr(ctx.split, part)
+  stale = ctx.lists[f'{part}_stale']['items']
+  fresh = ctx.lists[f'{part}_fresh']['items']
+  data = adapt_lib.build_device_data(
+    ctx.dataset.sequences,
+    ctx.split.device_recent,
+    windows,
+    np.concatenate([stale, fresh], axis=1),
+    num_items=ctx.dataset.num_items,
+    max_len=ctx.srm_config.max_len,
+    num_recent=config.device_window,
+    num_negatives=config.adapt.num_negatives,
+    seed=config.seed,
+  )
+  start = time.perf_counter()
+  result = adapt_lib.adapt_and_score(
+    ctx.model,
+    ctx.params['retrained'],
+    data,
+    config.adapt,
+    log=lambda line: None,
+  )
+  seconds = time.perf_counter() - start
+  k = stale.shape[1]
+  out = {'stale': result.scores[:, :k], 'fresh': result.scores[:, k:]}
+  _save_arrays(path, **out)
+  ctx.log(
+    f'[adapted] {part}: {len(data):,} devices adapted in {seconds:.1f} s; '
+    f'mean recent-window loss {result.first_loss.mean():.4f} -> '
+    f'{result.last_loss.mean():.4f}; each device copy '
+    f'{result.state_bytes / 1e6:.2f} MB with optimizer state'
+  )
+  ctx.timings[f'adapt_{part}'] = seconds
+  return out
+
+
+def _user_lists(
+  ctx: Context, part: str, view: str, scores: dict[str, np.ndarray]
+) -> simulate.UserLists:
+  lists = ctx.lists[f'{part}_{view}']
+  return simulate.UserLists(lists['items'], lists['llm_scores'], scores[view])
+
+
+def simulate_requests(ctx: Context) -> dict[str, Any]:
+  """Builds every row of the results table."""
+  config = ctx.config
+  test = ctx.split.test
+  targets = _targets(ctx, test)
+  stage_names = ['independent', 'cooperative', 'retrained']
+  scores = {stage: _srm_scores(ctx, stage, 'test') for stage in stage_names}
+  if config.adapt_devices:
+    scores['adapted'] = stage_adapt(ctx, 'test')
+    stage_names.append('adapted')
+
+  def metrics_of(lists, alpha):
+    return simulate.list_metrics(
+      lists,
+      targets,
+      alpha=alpha,
+      llm_score=config.llm_score,
+      normalisation=config.normalisation,
+      ks=KS,
+    )
+
+  rows = []
+  any_scores = scores['independent']
+  stale_llm = _user_lists(ctx, 'test', 'stale', any_scores)
+  fresh_llm = _user_lists(ctx, 'test', 'fresh', any_scores)
+  rows.append(
+    dict(
+      name='LLM only (stale list)',
+      group='llm',
+      metrics=metrics_of(stale_llm, 1.0),
+    )
+  )
+  rows.append(
+    dict(
+      name='LLM only (fresh list, every user requests)',
+      group='llm',
+      metrics=metrics_of(fresh_llm, 1.0),
+    )
+  )
+  for stage in stage_names:
+    if stage in ctx.srm_full and ctx.srm_full[stage]:
+      rows.append(
+        dict(
+          name=f'SRM only, full ranking ({stage})',
+          group='srm_full',
+          metrics=ctx.srm_full[stage],
+        )
+      )
+  for stage in stage_names:
+    lists = _user_lists(ctx, 'test', 'stale', scores[stage])
+    rows.append(
+      dict(
+        name=f'SRM only, re-ranks stale list ({stage})',
+        group='srm_rerank',
+        metrics=metrics_of(lists, 0.0),
+      )
+    )
+  for stage in stage_names:
+    lists = _user_lists(ctx, 'test', 'stale', scores[stage])
+    rows.append(
+      dict(
+        name=f'fusion, alpha {config.alpha} ({stage})',
+        group='fusion',
+        metrics=metrics_of(lists, config.alpha),
+      )
+    )
+
+  # The gate: final SRM scores on stale lists, calibrated on validation.
+  final = config.final_srm
+  if final == 'adapted':
+    valid_scores = stage_adapt(ctx, 'valid')
+  else:
+    valid_scores = _srm_scores(ctx, final, 'valid')
+  valid_stale = _user_lists(ctx, 'valid', 'stale', valid_scores)
+  stale = _user_lists(ctx, 'test', 'stale', scores[final])
+  fresh = _user_lists(ctx, 'test', 'fresh', scores[final])
+  test_consistency = simulate.consistency(stale, config.consistency)
+  valid_consistency = simulate.consistency(valid_stale, config.consistency)
+  history_lengths = np.minimum(test.positions, 10**9)
+  requests = []
+  for policy in ('gate', 'gate_topk', 'random'):
+    for ratio in config.ratios:
+      run = simulate.run_policy(
+        policy,
+        ratio,
+        stale=stale,
+        fresh=fresh,
+        targets=targets,
+        history_lengths=history_lengths,
+        test_consistency=test_consistency,
+        valid_consistency=valid_consistency,
+        alpha=config.alpha,
+        llm_score=config.llm_score,
+        normalisation=config.normalisation,
+        seed=config.seed,
+        ks=KS,
+      )
+      requests.append(
+        dict(
+          name=f'LSC4Rec, {policy} requests, ratio {ratio:g}',
+          group=f'lsc4rec_{policy}',
+          policy=policy,
+          ratio=ratio,
+          metrics=run.metrics,
+          traffic=dataclasses.asdict(run.traffic),
+        )
+      )
+  return {
+    'rows': rows + requests,
+    'final_srm': final,
+    'num_test_users': int(len(test)),
+  }
+
+
+def checks(results: dict[str, Any], config: PipelineConfig) -> list[str]:
+  """Plain-language verdicts on the paper's claims (never tuned on test)."""
+  rows = results['rows']
+  by_name = {r['name']: r for r in rows}
+  final = results['final_srm']
+  fusion = by_name[f'fusion, alpha {config.alpha} ({final})']['metrics']
+  llm = by_name['LLM only (stale list)']['metrics']
+  srm = by_name[f'SRM only, re-ranks stale list ({final})']['metrics']
+  lines = []
+  for k in (5, 10):
+    key = f'ndcg@{k}'
+    ok = fusion[key] > llm[key] and fusion[key] > srm[key]
+    lines.append(
+      f'fusion {"beats" if ok else "does NOT beat"} both LLM-only and '
+      f'SRM-only on {key}: {fusion[key]:.4f} vs {llm[key]:.4f} (LLM) and '
+      f'{srm[key]:.4f} (SRM re-rank, {final})'
+    )
+  gate = {r['ratio']: r['metrics'] for r in rows if r.get('policy') == 'gate'}
+  rand = {r['ratio']: r['metrics'] for r in rows if r.get('policy') == 'random'}
+  for ratio in (0.05, 0.1, 0.2):
+    if ratio in gate and ratio in rand:
+      g, r = gate[ratio]['ndcg@5'], rand[ratio]['ndcg@5']
+      lines.append(
+        f'Kendall gate {"beats" if g > r else "does NOT beat"} random '
+        f'requests at ratio {ratio:g} on ndcg@5: {g:.4f} vs {r:.4f}'
+      )
+  return lines
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+  """The results as one Markdown table."""
+  keys = [f'{m}@{k}' for k in KS for m in ('hr', 'ndcg', 'mrr')]
+  header = (
+    '| method | ' + ' | '.join(keys) + ' | requests | bytes up | bytes down |'
+  )
+  lines = [header, '|' + '---|' * (len(keys) + 4)]
+  for row in results['rows']:
+    traffic = row.get('traffic', {})
+    values = ' | '.join(
+      f'{row["metrics"][k]:.4f}' if k in row['metrics'] else '-' for k in keys
+    )
+    lines.append(
+      f'| {row["name"]} | {values} | {traffic.get("requests", "-")} | '
+      f'{traffic.get("bytes_up", "-")} | {traffic.get("bytes_down", "-")} |'
+    )
+  return '\n'.join(lines)
+
+
+def plot_curve(results: dict[str, Any], path: str, metric: str = 'ndcg@5'):
+  """PNG of `metric` against request ratio, gate versus random."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for policy, label in (
+    ('gate', 'Kendall gate (threshold from validation)'),
+    ('gate_topk', 'Kendall gate (budgeted top-k)'),
+    ('random', 'random requests'),
+  ):
+    points = sorted(
+      (r['ratio'], r['metrics'][metric])
+      for r in results['rows']
+      if r.get('policy') == policy
+    )
+    if points:
+      xs, ys = zip(*points, strict=True)
+      ax.plot([100 * x for x in xs], ys, marker='o', label=label)
+  ax.set_xlabel('request ratio (% of users)')
+  ax.set_ylabel(metric.upper())
+  ax.set_title('LSC4Rec: accuracy against request budget')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def run(
+  config: PipelineConfig, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+  """Runs (or resumes) every stage and writes the results to the workdir.
+
+  Returns:
+    The results dict also written to `<workdir>/results.json`.
+  """
+  log = log or _LOG.info
+  start = time.perf_counter()
+  stages = Stages(config.workdir, log)
+  with open(os.path.join(config.workdir, 'config.json'), 'w') as f:
+    json.dump(config.to_dict(), f, indent=1, default=str)
+  dataset, split = load_data(config, log)
+  ctx = Context(
+    config=config, dataset=dataset, split=split, stages=stages, log=log
+  )
+
+  stage_llm(ctx)
+  stage_srm_independent(ctx)
+  stage_lists(ctx)
+  stage_cooperative(ctx)
+  stage_retrain(ctx)
+  results = simulate_requests(ctx)
+  results['config'] = config.to_dict()
+  results['llm_recall'] = ctx.llm_test
+  results['timings'] = {k: round(v, 3) for k, v in ctx.timings.items()}
+  results['seconds'] = round(time.perf_counter() - start, 1)
+  results['checks'] = checks(results, config)
+
+  with open(os.path.join(config.workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=1, default=float)
+  table = markdown_table(results)
+  with open(os.path.join(config.workdir, 'results.md'), 'w') as f:
+    f.write(
+      table + '\n\n' + '\n'.join(f'- {c}' for c in results['checks']) + '\n'
+    )
+  plot_curve(results, os.path.join(config.workdir, 'request_curve.png'))
+  return results

@@ -1,0 +1,105 @@
+"""End-to-end test: every LSC4Rec stage at the smoke preset on real data."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lsc_jax.collab import pipeline, request
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('lsc4rec_smoke'))
+  config = pipeline.PipelineConfig(
+    **dict(
+      pipeline.PRESETS['smoke'],
+      max_users=250,
+      workdir=workdir,
+      ratios=(0.0, 0.1, 0.2, 1.0),
+    )
+  )
+  lines = []
+  results = pipeline.run(config, log=lines.append)
+  return config, results, lines
+
+
+def _rows(results, policy):
+  return {r['ratio']: r for r in results['rows'] if r.get('policy') == policy}
+
+
+def test_outputs_are_written_and_table_is_complete(smoke_run):
+  config, results, _ = smoke_run
+  for name in ('results.json', 'results.md', 'request_curve.png'):
+    assert os.path.getsize(os.path.join(config.workdir, name)) > 0
+  with open(os.path.join(config.workdir, 'results.json')) as f:
+    assert json.load(f)['rows'] == json.loads(json.dumps(results['rows']))
+  names = [r['name'] for r in results['rows']]
+  assert 'LLM only (stale list)' in names
+  for stage in pipeline.SRM_STAGES:
+    assert f'SRM only, re-ranks stale list ({stage})' in names
+  for row in results['rows']:
+    for k in (1, 5, 10, 20):
+      for metric in ('hr', 'ndcg', 'mrr'):
+        value = row['metrics'][f'{metric}@{k}']
+        assert 0.0 <= value <= 1.0
+      assert row['metrics'][f'ndcg@{k}'] <= row['metrics'][f'hr@{k}'] + 1e-9
+  table = open(os.path.join(config.workdir, 'results.md')).read()
+  assert table.count('\n|') >= len(results['rows'])
+
+
+def test_ratio_zero_is_fusion_and_ratio_one_is_always_request(smoke_run):
+  config, results, _ = smoke_run
+  final = results['final_srm']
+  fusion = next(
+    r
+    for r in results['rows']
+    if r['name'] == f'fusion, alpha {config.alpha} ({final})'
+  )
+  at_one = []
+  for policy in ('gate', 'gate_topk', 'random'):
+    rows = _rows(results, policy)
+    assert rows[0.0]['metrics'] == fusion['metrics']
+    assert rows[0.0]['traffic']['requests'] == 0
+    assert rows[1.0]['traffic']['requests'] == results['num_test_users']
+    at_one.append(rows[1.0]['metrics'])
+  assert at_one[0] == at_one[1] == at_one[2]
+
+
+def test_request_counts_match_the_budget(smoke_run):
+  config, results, _ = smoke_run
+  users = results['num_test_users']
+  for ratio in config.ratios:
+    budget = request.request_budget(users, ratio)
+    assert _rows(results, 'gate_topk')[ratio]['traffic']['requests'] == budget
+    assert _rows(results, 'random')[ratio]['traffic']['requests'] == budget
+    assert _rows(results, 'gate')[ratio]['traffic']['requests'] <= budget
+    down = _rows(results, 'random')[ratio]['traffic']['bytes_down']
+    assert down == budget * config.num_candidates * 8
+
+
+def test_rerun_reuses_finished_stages(smoke_run):
+  config, results, _ = smoke_run
+  lines = []
+  again = pipeline.run(config, log=lines.append)
+  assert not any('finished in' in line for line in lines)
+  assert not any('compiling llm_train_step' in line for line in lines)
+  np.testing.assert_equal(
+    [r['metrics'] for r in again['rows']],
+    [r['metrics'] for r in results['rows']],
+  )
+
+
+def test_bad_settings_are_rejected(tmp_path):
+  with pytest.raises(ValueError, match='alpha'):
+    pipeline.PipelineConfig(alpha=1.5, workdir=str(tmp_path))
+  with pytest.raises(ValueError, match='final_srm'):
+    pipeline.PipelineConfig(final_srm='best', workdir=str(tmp_path))
+  with pytest.raises(ValueError, match='adapt_devices'):
+    dataclasses.replace(
+      pipeline.PipelineConfig(workdir=str(tmp_path)),
+      final_srm='adapted',
+      adapt_devices=False,
+    )
