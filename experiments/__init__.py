@@ -1,0 +1,1 @@
+"""Experiment binaries: absl flags, a config, one call into `lsc_jax`."""
