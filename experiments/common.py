@@ -146,6 +146,11 @@ def log_topology(
   return text
 
 
+def compile_only_requested() -> bool:
+  """True when --compile_only is set."""
+  return _COMPILE_ONLY.value
+
+
 def compile_only(
   name: str,
   step_fn: Callable[[Any, Any], tuple[Any, Any]],

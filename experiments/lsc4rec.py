@@ -15,9 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags
 
+from experiments import common
 from lsc_jax.collab import pipeline
+from lsc_jax.models import registry
+from lsc_jax.train import llm_steps, srm_steps
+from lsc_jax.train import state as state_lib
 
 _PRESET = flags.DEFINE_enum(
   'preset', 'cpu', sorted(pipeline.PRESETS), 'Sizes of every model and stage.'
@@ -93,9 +99,98 @@ def build_config() -> pipeline.PipelineConfig:
   return pipeline.PipelineConfig(**values)
 
 
+def _srm_example_batch(srm_config, num_items: int) -> dict:
+  """Abstract widest SRM training batch of the config."""
+  batch_size, width = srm_config.batch_size, srm_config.max_len
+  i32 = jnp.int32
+  negatives = 0 if srm_config.loss == 'full_ce' else srm_config.num_negatives
+  if srm_config.objective == 'next_item':
+    batch = {
+      'history': jax.ShapeDtypeStruct((batch_size, width), i32),
+      'targets': jax.ShapeDtypeStruct((batch_size, width), i32),
+      'mask': jax.ShapeDtypeStruct((batch_size, width), jnp.float32),
+      'user': jax.ShapeDtypeStruct((batch_size,), i32),
+    }
+    if negatives:
+      batch['negatives'] = jax.ShapeDtypeStruct(
+        (batch_size, width, negatives), i32
+      )
+    return batch
+  batch = {
+    'history': jax.ShapeDtypeStruct((batch_size, width), i32),
+    'target': jax.ShapeDtypeStruct((batch_size,), i32),
+    'mask': jax.ShapeDtypeStruct((batch_size,), jnp.float32),
+    'user': jax.ShapeDtypeStruct((batch_size,), i32),
+  }
+  if negatives:
+    batch['negatives'] = jax.ShapeDtypeStruct((batch_size, negatives), i32)
+  return batch
+
+
+def compile_checks(config: pipeline.PipelineConfig, mesh) -> None:
+  """--compile_only: compiles the SRM and LLM train steps for the mesh."""
+  dataset, _ = pipeline.load_data(config, log=lambda line: None)
+  num_items = dataset.num_items
+  srm_config = registry.get_srm_config(config.srm, config.srm_preset)
+  model = registry.srm_from_config(config.srm, num_items, srm_config)
+
+  def make_srm_state():
+    params = srm_steps.init_params(model, srm_config.max_len, config.seed)
+    tx = state_lib.make_optimizer(srm_config.learning_rate)
+    return state_lib.create_train_state(model.apply, params, tx, config.seed)
+
+  common.compile_only(
+    f'{config.srm} train step',
+    srm_steps.make_train_step(model, srm_config, num_items),
+    mesh,
+    make_srm_state,
+    _srm_example_batch(srm_config, num_items),
+  )
+
+  train_config = llm_steps.train_config(config.llm_preset)
+  llm = llm_steps.build_untrained_llm(
+    num_users=dataset.num_users,
+    num_items=num_items,
+    preset=config.llm_preset,
+    id_scheme=config.id_scheme,
+    seed=config.seed,
+    config=train_config,
+    log=lambda line: None,
+  )
+  batch_size = train_config.batch_size
+  prompt = llm.prompts.max_prompt_tokens
+  target = llm.item_ids.max_len
+
+  def make_llm_state():
+    tx = llm_steps.make_optimizer(train_config, total_steps=1000)
+    return state_lib.create_train_state(
+      llm.model.apply, llm.params, tx, config.seed
+    )
+
+  common.compile_only(
+    f'{config.llm_preset} LLM train step',
+    llm_steps.make_train_step(llm.model),
+    mesh,
+    make_llm_state,
+    {
+      'input_ids': jax.ShapeDtypeStruct((batch_size, prompt), jnp.int32),
+      'attention_mask': jax.ShapeDtypeStruct((batch_size, prompt), bool),
+      'targets': jax.ShapeDtypeStruct((batch_size, target), jnp.int32),
+      'target_mask': jax.ShapeDtypeStruct((batch_size, target), bool),
+      'mask': jax.ShapeDtypeStruct((batch_size,), bool),
+    },
+  )
+
+
 def main(argv):
   del argv
+  common.init_distributed()
+  mesh = common.make_mesh()
+  common.log_topology(mesh, log=print)
   config = build_config()
+  if common.compile_only_requested():
+    compile_checks(config, mesh)
+    return
   print(f'LSC4Rec pipeline, preset {_PRESET.value}, workdir {config.workdir}')
   print(
     'config: '

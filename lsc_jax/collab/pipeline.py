@@ -675,6 +675,7 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
     dict(
       name='LLM only (stale list)',
       group='llm',
+      protocol=f'candidates@{config.num_candidates}',
       metrics=metrics_of(stale_llm, 1.0),
     )
   )
@@ -682,6 +683,7 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
     dict(
       name='LLM only (fresh list, every user requests)',
       group='llm',
+      protocol=f'candidates@{config.num_candidates}',
       metrics=metrics_of(fresh_llm, 1.0),
     )
   )
@@ -691,6 +693,7 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
         dict(
           name=f'SRM only, full ranking ({stage})',
           group='srm_full',
+          protocol='full',
           metrics=ctx.srm_full[stage],
         )
       )
@@ -700,6 +703,7 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
       dict(
         name=f'SRM only, re-ranks stale list ({stage})',
         group='srm_rerank',
+        protocol=f'candidates@{config.num_candidates}',
         metrics=metrics_of(lists, 0.0),
       )
     )
@@ -709,6 +713,7 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
       dict(
         name=f'fusion, alpha {config.alpha} ({stage})',
         group='fusion',
+        protocol=f'candidates@{config.num_candidates}',
         metrics=metrics_of(lists, config.alpha),
       )
     )
@@ -747,6 +752,7 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
         dict(
           name=f'LSC4Rec, {policy} requests, ratio {ratio:g}',
           group=f'lsc4rec_{policy}',
+          protocol=f'candidates@{config.num_candidates}',
           policy=policy,
           ratio=ratio,
           metrics=run.metrics,
@@ -793,16 +799,19 @@ def markdown_table(results: dict[str, Any]) -> str:
   """The results as one Markdown table."""
   keys = [f'{m}@{k}' for k in KS for m in ('hr', 'ndcg', 'mrr')]
   header = (
-    '| method | ' + ' | '.join(keys) + ' | requests | bytes up | bytes down |'
+    '| method | protocol | '
+    + ' | '.join(keys)
+    + ' | requests | bytes up | bytes down |'
   )
-  lines = [header, '|' + '---|' * (len(keys) + 4)]
+  lines = [header, '|' + '---|' * (len(keys) + 5)]
   for row in results['rows']:
     traffic = row.get('traffic', {})
     values = ' | '.join(
       f'{row["metrics"][k]:.4f}' if k in row['metrics'] else '-' for k in keys
     )
     lines.append(
-      f'| {row["name"]} | {values} | {traffic.get("requests", "-")} | '
+      f'| {row["name"]} | {row["protocol"]} | {values} | '
+      f'{traffic.get("requests", "-")} | '
       f'{traffic.get("bytes_up", "-")} | {traffic.get("bytes_down", "-")} |'
     )
   return '\n'.join(lines)
