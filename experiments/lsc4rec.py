@@ -18,6 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from absl import logging as absl_logging
 
 from experiments import common
 from lsc_jax.collab import pipeline
@@ -184,6 +185,8 @@ def compile_checks(config: pipeline.PipelineConfig, mesh) -> None:
 
 def main(argv):
   del argv
+  # Progress comes from the pipeline's own lines; keep library logs quiet.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   common.init_distributed()
   mesh = common.make_mesh()
   common.log_topology(mesh, log=print)

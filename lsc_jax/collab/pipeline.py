@@ -780,8 +780,8 @@ def checks(results: dict[str, Any], config: PipelineConfig) -> list[str]:
     ok = fusion[key] > llm[key] and fusion[key] > srm[key]
     lines.append(
       f'fusion {"beats" if ok else "does NOT beat"} both LLM-only and '
-      f'SRM-only on {key}: {fusion[key]:.4f} vs {llm[key]:.4f} (LLM) and '
-      f'{srm[key]:.4f} (SRM re-rank, {final})'
+      f'SRM-only on {key}: {fusion[key]:.5f} vs {llm[key]:.5f} (LLM) and '
+      f'{srm[key]:.5f} (SRM re-rank, {final})'
     )
   gate = {r['ratio']: r['metrics'] for r in rows if r.get('policy') == 'gate'}
   rand = {r['ratio']: r['metrics'] for r in rows if r.get('policy') == 'random'}
@@ -790,7 +790,7 @@ def checks(results: dict[str, Any], config: PipelineConfig) -> list[str]:
       g, r = gate[ratio]['ndcg@5'], rand[ratio]['ndcg@5']
       lines.append(
         f'Kendall gate {"beats" if g > r else "does NOT beat"} random '
-        f'requests at ratio {ratio:g} on ndcg@5: {g:.4f} vs {r:.4f}'
+        f'requests at ratio {ratio:g} on ndcg@5: {g:.5f} vs {r:.5f}'
       )
   return lines
 
