@@ -17,35 +17,38 @@ Importing this module defines the distributed and compile-check flags:
   --compile_only         compile the train steps for the mesh, print XLA's
                          memory and FLOP estimates, and exit
 
-A binary calls, in order:
+Every binary (`lsc4rec`, `train_srm`, `train_llm`) defines them by
+importing this module, and calls, in order:
 
 ```
 def main(argv):
   common.init_distributed()          # first, before anything touches jax
   mesh = common.make_mesh()
   common.log_topology(mesh)
-  ...build the model, step and an example batch...
-  if common.compile_only(
-    'sasrec train step', step_fn, mesh, make_state, example_batch
-  ):
-    return
-  ...train with sharding.shard_train_step(..., shard_rules=
-     common.shard_rules())...
-  if common.is_primary():
-    ...write results.json...
+  ...load the data, build the config...
+  if common.compile_only_srm('sasrec', srm_config, num_items, seed, mesh):
+    return                           # --compile_only: report and stop
+  run = srm_steps.train_srm(..., mesh=mesh, shard_rules=common.shard_rules(
+    num_items=num_items, mesh=mesh))
+  common.write_json(path, results)   # process 0 only
 ```
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from absl import flags
 
 from lsc_jax import sharding
+from lsc_jax.models import registry
+from lsc_jax.train import srm_steps
+from lsc_jax.train import state as state_lib
 
 _MULTIHOST = flags.DEFINE_bool(
   'multihost',
@@ -122,11 +125,36 @@ def make_mesh() -> jax.sharding.Mesh:
   return sharding.make_mesh(_MESH_DEVICES.value)
 
 
-def shard_rules() -> tuple[sharding.ShardRule, ...]:
-  """The state shard rules that --shard_item_table asks for."""
+def shard_rules(
+  num_items: int | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  log: Callable[[str], None] = logging.warning,
+) -> tuple[sharding.ShardRule, ...]:
+  """The SRM state shard rules that --shard_item_table asks for.
+
+  Given the catalogue size and the mesh, 'rows' falls back to 'columns'
+  when the table's num_items + 2 rows do not split over the mesh, and says
+  so through `log` (see `sharding.item_table_rules`).
+  """
   if _SHARD_ITEM_TABLE.value == 'none':
     return ()
-  return sharding.item_table_rules(layout=_SHARD_ITEM_TABLE.value)
+  return sharding.item_table_rules(
+    layout=_SHARD_ITEM_TABLE.value, num_items=num_items, mesh=mesh, log=log
+  )
+
+
+def write_json(path: str, value: Any) -> bool:
+  """Writes `value` as JSON to `path` on process 0 only.
+
+  Returns:
+    True where the file was written (process 0).
+  """
+  if not is_primary():
+    return False
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(value, f, indent=2)
+  return True
 
 
 def log_topology(
@@ -158,6 +186,7 @@ def compile_only(
   make_state: Callable[[], Any],
   example_batch: Any,
   log: Callable[[str], None] = print,
+  rules: Sequence[sharding.ShardRule] | None = None,
 ) -> bool:
   """With --compile_only, compiles `step_fn` for the mesh and reports it.
 
@@ -170,6 +199,7 @@ def compile_only(
     example_batch: one batch (numpy arrays or `ShapeDtypeStruct`s) of the
       largest shape the run will use.
     log: where the report goes (process 0 only).
+    rules: state shard rules (None: those of --shard_item_table).
 
   Returns:
     True when --compile_only is set (the binary should stop after its
@@ -186,9 +216,72 @@ def compile_only(
     mesh,
     jax.eval_shape(make_state),
     sharding.abstract(example_batch),
-    shard_rules=shard_rules(),
+    shard_rules=shard_rules() if rules is None else rules,
     name=name,
   )
   if is_primary():
     log(report.text())
   return True
+
+
+def compile_only_srm(
+  name: str,
+  config: registry.SRMConfig,
+  num_items: int,
+  seed: int,
+  mesh: jax.sharding.Mesh,
+  log: Callable[[str], None] = print,
+) -> bool:
+  """`compile_only` for the train step of SRM `name` under `config`, on
+  its widest batch (`srm_steps.example_batch`), with the item table rules
+  of --shard_item_table for this catalogue and mesh."""
+  if not compile_only_requested():
+    return False
+  model = registry.srm_from_config(name, num_items, config)
+  tx = state_lib.make_optimizer(config.learning_rate, config.weight_decay)
+
+  def make_state():
+    params = srm_steps.init_params(model, config.max_len, seed)
+    return state_lib.create_train_state(model.apply, params, tx, seed)
+
+  return compile_only(
+    f'{name} train step',
+    srm_steps.make_train_step(model, config, num_items),
+    mesh,
+    make_state,
+    srm_steps.example_batch(config),
+    log=log,
+    rules=shard_rules(num_items=num_items, mesh=mesh, log=log),
+  )
+
+
+def compile_only_llm(
+  llm: Any,
+  config: Any,
+  seed: int,
+  mesh: jax.sharding.Mesh,
+  name: str = 'LLM train step',
+  log: Callable[[str], None] = print,
+) -> bool:
+  """`compile_only` for the LLM train step of `llm` (an
+  `lsc_jax.models.llm.LLMScorer`) under `config` (an
+  `llm_steps.LLMTrainConfig`) on its widest batch, state replicated."""
+  if not compile_only_requested():
+    return False
+  # Imported here: it loads transformers, which the SRM binary never needs.
+  from lsc_jax.train import llm_steps
+
+  def make_state():
+    # The schedule's length does not change any shape.
+    tx = llm_steps.make_optimizer(config, total_steps=1000)
+    return state_lib.create_train_state(llm.model.apply, llm.params, tx, seed)
+
+  return compile_only(
+    name,
+    llm_steps.make_train_step(llm.model),
+    mesh,
+    make_state,
+    llm_steps.example_batch(llm, config),
+    log=log,
+    rules=(),
+  )

@@ -9,22 +9,25 @@ a rerun reuses finished stages and an interrupted run resumes.
   python -m experiments.lsc4rec                      # built-in Beauty, cpu
   python -m experiments.lsc4rec --preset=smoke --workdir=/tmp/lsc_smoke
   python -m experiments.lsc4rec --dataset=ml-latest-small --srm=gru4rec
+
+The training stages, the LLM's lists and per-device adaptation run
+data-parallel over every device (--mesh_devices, --multihost and
+--compile_only are the flags of experiments/common.py); --shard_item_table
+applies to --compile_only here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
 from absl import logging as absl_logging
 
 from experiments import common
+from lsc_jax.collab import adapt as adapt_lib
 from lsc_jax.collab import pipeline
 from lsc_jax.models import registry
-from lsc_jax.train import llm_steps, srm_steps
-from lsc_jax.train import state as state_lib
+from lsc_jax.train import llm_steps
 
 _PRESET = flags.DEFINE_enum(
   'preset', 'cpu', sorted(pipeline.PRESETS), 'Sizes of every model and stage.'
@@ -48,7 +51,11 @@ _REINDEX = flags.DEFINE_enum(
   'reindex', None, ['random', 'keep'], 'Item re-indexing (keep = P5 leaky ids).'
 )
 _GAP = flags.DEFINE_integer('gap', None, 'Staleness gap g of cached lists.')
-_ALPHA = flags.DEFINE_float('alpha', None, 'LLM weight of the fusion.')
+_ALPHA = flags.DEFINE_float(
+  'alpha',
+  None,
+  'LLM weight of the fusion (default: the best of a grid on validation).',
+)
 _LLM_SCORE = flags.DEFINE_enum(
   'llm_score', None, ['rank', 'logprob'], 'LLM score used by the fusion.'
 )
@@ -60,6 +67,12 @@ _FINAL_SRM = flags.DEFINE_enum(
   None,
   list(pipeline.SRM_STAGES),
   'SRM whose scores the fusion and gate use.',
+)
+_ADAPT_SUBSET = flags.DEFINE_enum(
+  'adapt_subset',
+  None,
+  list(adapt_lib.SUBSETS),
+  'Parameters each device adapts (default: the SRM output head).',
 )
 _CONSISTENCY = flags.DEFINE_enum(
   'consistency',
@@ -97,89 +110,36 @@ def build_config() -> pipeline.PipelineConfig:
   values.update({k: v for k, v in given.items() if v is not None})
   if _RATIOS.value is not None:
     values['ratios'] = tuple(float(r) / 100 for r in _RATIOS.value)
+  if _ADAPT_SUBSET.value is not None:
+    values['adapt'] = dataclasses.replace(
+      values.get('adapt', adapt_lib.AdaptConfig()), subset=_ADAPT_SUBSET.value
+    )
   return pipeline.PipelineConfig(**values)
-
-
-def _srm_example_batch(srm_config, num_items: int) -> dict:
-  """Abstract widest SRM training batch of the config."""
-  batch_size, width = srm_config.batch_size, srm_config.max_len
-  i32 = jnp.int32
-  negatives = 0 if srm_config.loss == 'full_ce' else srm_config.num_negatives
-  if srm_config.objective == 'next_item':
-    batch = {
-      'history': jax.ShapeDtypeStruct((batch_size, width), i32),
-      'targets': jax.ShapeDtypeStruct((batch_size, width), i32),
-      'mask': jax.ShapeDtypeStruct((batch_size, width), jnp.float32),
-      'user': jax.ShapeDtypeStruct((batch_size,), i32),
-    }
-    if negatives:
-      batch['negatives'] = jax.ShapeDtypeStruct(
-        (batch_size, width, negatives), i32
-      )
-    return batch
-  batch = {
-    'history': jax.ShapeDtypeStruct((batch_size, width), i32),
-    'target': jax.ShapeDtypeStruct((batch_size,), i32),
-    'mask': jax.ShapeDtypeStruct((batch_size,), jnp.float32),
-    'user': jax.ShapeDtypeStruct((batch_size,), i32),
-  }
-  if negatives:
-    batch['negatives'] = jax.ShapeDtypeStruct((batch_size, negatives), i32)
-  return batch
 
 
 def compile_checks(config: pipeline.PipelineConfig, mesh) -> None:
   """--compile_only: compiles the SRM and LLM train steps for the mesh."""
   dataset, _ = pipeline.load_data(config, log=lambda line: None)
-  num_items = dataset.num_items
   srm_config = registry.get_srm_config(config.srm, config.srm_preset)
-  model = registry.srm_from_config(config.srm, num_items, srm_config)
-
-  def make_srm_state():
-    params = srm_steps.init_params(model, srm_config.max_len, config.seed)
-    tx = state_lib.make_optimizer(srm_config.learning_rate)
-    return state_lib.create_train_state(model.apply, params, tx, config.seed)
-
-  common.compile_only(
-    f'{config.srm} train step',
-    srm_steps.make_train_step(model, srm_config, num_items),
-    mesh,
-    make_srm_state,
-    _srm_example_batch(srm_config, num_items),
+  common.compile_only_srm(
+    config.srm, srm_config, dataset.num_items, config.seed, mesh
   )
-
   train_config = llm_steps.train_config(config.llm_preset)
   llm = llm_steps.build_untrained_llm(
     num_users=dataset.num_users,
-    num_items=num_items,
+    num_items=dataset.num_items,
     preset=config.llm_preset,
     id_scheme=config.id_scheme,
     seed=config.seed,
     config=train_config,
     log=lambda line: None,
   )
-  batch_size = train_config.batch_size
-  prompt = llm.prompts.max_prompt_tokens
-  target = llm.item_ids.max_len
-
-  def make_llm_state():
-    tx = llm_steps.make_optimizer(train_config, total_steps=1000)
-    return state_lib.create_train_state(
-      llm.model.apply, llm.params, tx, config.seed
-    )
-
-  common.compile_only(
-    f'{config.llm_preset} LLM train step',
-    llm_steps.make_train_step(llm.model),
+  common.compile_only_llm(
+    llm,
+    train_config,
+    config.seed,
     mesh,
-    make_llm_state,
-    {
-      'input_ids': jax.ShapeDtypeStruct((batch_size, prompt), jnp.int32),
-      'attention_mask': jax.ShapeDtypeStruct((batch_size, prompt), bool),
-      'targets': jax.ShapeDtypeStruct((batch_size, target), jnp.int32),
-      'target_mask': jax.ShapeDtypeStruct((batch_size, target), bool),
-      'mask': jax.ShapeDtypeStruct((batch_size,), bool),
-    },
+    name=f'{config.llm_preset} LLM train step',
   )
 
 
@@ -203,7 +163,11 @@ def main(argv):
       if not isinstance(v, dict)
     )
   )
-  results = pipeline.run(config, log=lambda line: print(line, flush=True))
+  results = pipeline.run(
+    config, log=lambda line: print(line, flush=True), mesh=mesh
+  )
+  if not common.is_primary():
+    return
   print()
   print(pipeline.markdown_table(results))
   print()

@@ -12,20 +12,28 @@ and `results.json` to the workdir; a rerun with the same workdir resumes.
   python -m experiments.train_llm --size=smoke --epochs=1 --max_users=500
   python -m experiments.train_llm --size=t5-small --id_scheme=text \
       --pretrained=/path/to/t5-small --reindex=keep
+  python -m experiments.train_llm --size=smoke --compile_only
+
+Training and generation are data-parallel over every device (all hosts'
+with --multihost); --mesh_devices and --compile_only (compile the train
+step for the mesh, print XLA's memory and FLOP estimates, exit) are the
+shared flags of experiments/common.py. Only process 0 writes results.json
+and the Hugging Face export.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
 
+import jax
 import numpy as np
 from absl import app, flags
 
-from lsc_jax import data
+from experiments import common
+from lsc_jax import data, sharding
 from lsc_jax.train import llm_steps
 
 _DATASET = flags.DEFINE_string(
@@ -72,6 +80,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
+  common.init_distributed()
+  mesh = common.make_mesh()
+  common.log_topology(mesh, log=logging.info)
   start = time.perf_counter()
   config = llm_steps.train_config(
     _SIZE.value,
@@ -95,6 +106,21 @@ def main(argv):
   split = data.positional_split(dataset, gap=_GAP.value)
   logging.info('%s\n%s', dataset.summary(), split.summary_text())
   logging.info('config: %s', config)
+  if common.compile_only_requested():
+    llm = llm_steps.build_untrained_llm(
+      num_users=dataset.num_users,
+      num_items=dataset.num_items,
+      preset=_SIZE.value,
+      id_scheme=_ID_SCHEME.value,
+      seed=_SEED.value,
+      pretrained=_PRETRAINED.value,
+      config=config,
+      log=logging.info,
+    )
+    common.compile_only_llm(
+      llm, config, _SEED.value, mesh, name=f'{_SIZE.value} LLM train step'
+    )
+    return
 
   run = llm_steps.train_llm(
     sequences=dataset.sequences,
@@ -108,22 +134,32 @@ def main(argv):
     config=config,
     pretrained=_PRETRAINED.value,
     log=logging.info,
+    mesh=mesh,
   )
   train_seconds = time.perf_counter() - start
 
+  # Generation splits each batch's prompts over the mesh; the batch size is
+  # rounded up to a multiple of the device count (filler prompts are
+  # generated and dropped).
+  llm, eval_batch = run.llm, _EVAL_BATCH.value
+  if sharding.training_mesh(mesh) is not None:
+    llm = sharding.mesh_llm(run.llm, mesh)
+    eval_batch = mesh.size * -(-eval_batch // mesh.size)
   eval_start = time.perf_counter()
   test = llm_steps.evaluate_llm(
-    run.llm,
+    llm,
     dataset.sequences,
     split.test.users,
     split.test.positions,
     gap=_GAP.value,
     num_candidates=_NUM_CANDIDATES.value,
     beam_size=_BEAM_SIZE.value,
-    batch_size=_EVAL_BATCH.value,
+    batch_size=eval_batch,
     log_fn=logging.info,
   )
   eval_seconds = time.perf_counter() - eval_start
+  if not common.is_primary():
+    return
 
   recall = f'recall@{_NUM_CANDIDATES.value}'
   keys = ['hr@5', 'ndcg@5', 'hr@10', 'ndcg@10', recall]
@@ -156,9 +192,10 @@ def main(argv):
       'test': test,
       'train_seconds': train_seconds,
       'generation_seconds': eval_seconds,
+      'mesh': dict(mesh.shape),
+      'processes': jax.process_count(),
     }
-    with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    common.write_json(os.path.join(_WORKDIR.value, 'results.json'), results)
     if _EXPORT_HF.value:
       llm_steps.save_hf(run.llm, os.path.join(_WORKDIR.value, 'hf'))
 

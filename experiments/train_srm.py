@@ -9,16 +9,23 @@ standalone SRM protocol. Writes `metrics.jsonl`, checkpoints and
   python -m experiments.train_srm --model=sasrec --workdir=/tmp/sasrec
   python -m experiments.train_srm --model=din --preset=paper --epochs=10
   python -m experiments.train_srm --model=gru4rec --reindex=keep --seed=1
+  python -m experiments.train_srm --preset=smoke --compile_only
+
+Training is data-parallel over every device (all hosts' with --multihost);
+--mesh_devices, --shard_item_table and --compile_only (compile the train
+step for the mesh, print XLA's memory and FLOP estimates, exit) are the
+shared flags of experiments/common.py. Only process 0 writes results.json.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
+import jax
 from absl import app, flags
 
+from experiments import common
 from lsc_jax import data
 from lsc_jax.models import PRESETS, SRM_NAMES, get_srm_config
 from lsc_jax.train import srm_steps
@@ -60,6 +67,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
+  common.init_distributed()
+  mesh = common.make_mesh()
+  common.log_topology(mesh, log=logging.info)
   overrides = {
     field: flag.value
     for field, flag in (
@@ -86,6 +96,10 @@ def main(argv):
   split = data.positional_split(dataset, gap=_GAP.value)
   logging.info('%s\n%s', dataset.summary(), split.summary_text())
   logging.info('config: %s', config)
+  if common.compile_only_srm(
+    _MODEL.value, config, dataset.num_items, _SEED.value, mesh
+  ):
+    return
 
   run = srm_steps.train_srm(
     _MODEL.value,
@@ -99,7 +113,13 @@ def main(argv):
     workdir=_WORKDIR.value,
     exclude_history=_EXCLUDE_HISTORY.value,
     log=logging.info,
+    mesh=mesh,
+    shard_rules=common.shard_rules(
+      num_items=dataset.num_items, mesh=mesh, log=logging.warning
+    ),
   )
+  if not common.is_primary():
+    return
 
   keys = [f'{m}@{k}' for m in ('hr', 'ndcg') for k in (5, 10, 20)]
   print(
@@ -121,9 +141,10 @@ def main(argv):
       'test': run.test,
       'train_seconds': run.train_seconds,
       'oov_ids': run.oov.ids,
+      'mesh': dict(mesh.shape),
+      'processes': jax.process_count(),
     }
-    with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    common.write_json(os.path.join(_WORKDIR.value, 'results.json'), results)
 
 
 if __name__ == '__main__':

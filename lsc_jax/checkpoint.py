@@ -17,7 +17,25 @@ falls back to the next older one. Only the newest `keep` checkpoints are
 kept.
 
 Typed PRNG key arrays (`jax.random.key`) are stored as their raw key data and
-re-wrapped on restore, following the restore target.
+re-wrapped on restore, following the restore target. Arrays are restored
+with the sharding of the restore target's arrays (a state laid out over a
+mesh comes back laid out the same way); numpy leaves of the target come
+back on this process's first local device.
+
+Several processes (`jax.distributed`): every process calls `save` and
+`restore` with the same arguments, and the directory must be one that
+every process sees (a shared file system, or one host). Orbax itself
+coordinates the tree: each array shard is written once, by the process
+that holds its first replica (numpy leaves by process 0), and Orbax's own
+barriers and atomic rename finish the `tree/` directory. The bookkeeping
+around it (the temporary step directory, `metadata.json`, the manifest,
+the rename into place and the removal of old steps) is done by process 0
+alone, between barriers (`multihost_utils.sync_global_devices`): no
+process starts writing before the temporary directory exists, and none
+returns from `save`, or reads a step, before the step is complete. Arrays
+that live on one process's devices only (not global arrays) are taken to
+be equal copies on every process and saved from process 0. With one
+process nothing waits and the behaviour is that of a single host.
 """
 
 from __future__ import annotations
@@ -32,7 +50,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 _STEP_DIR = re.compile(r'^step_(\d{8,})$')
 _TMP_PREFIX = '.tmp_step_'
@@ -79,6 +99,56 @@ def _data_to_keys(restored: Any, target: Any) -> Any:
     return data
 
   return jax.tree.map(wrap, restored, target)
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (several
+  processes only; every process must pass the same names in the same
+  order)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'lsc_jax.checkpoint: {name}')
+
+
+def _restore_target(leaf: Any) -> jax.ShapeDtypeStruct:
+  """Shape, dtype and sharding of one restored array.
+
+  A jax array of the target keeps its sharding (e.g. a state replicated or
+  split over a mesh); a numpy leaf is restored to this process's first
+  local device, as Orbax needs a sharding for every array.
+  """
+  if isinstance(leaf, jax.Array):
+    sharding = leaf.sharding
+  elif isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is not None:
+    sharding = leaf.sharding
+  else:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
+
+
+def _to_save(tree: Any) -> Any:
+  """The tree as Orbax should save it from this process.
+
+  With several processes, an array that lives on this process's devices
+  alone (e.g. parameters that every process computed for itself) is not a
+  global array; Orbax would have every process write it as a whole. Such
+  arrays are saved as numpy, which Orbax writes from process 0 only: the
+  processes are taken to hold equal copies.
+  """
+  tree = _keys_to_data(tree)
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(
+    lambda x: (
+      np.asarray(x)
+      if isinstance(x, jax.Array) and x.is_fully_addressable
+      else x
+    ),
+    tree,
+  )
 
 
 def _file_digest(path: str) -> str:
@@ -151,27 +221,36 @@ def save(
     raise ValueError(f'checkpoint step must be >= 0, got {step}')
   if keep < 1:
     raise ValueError(f'keep must be >= 1, got {keep}')
-  os.makedirs(directory, exist_ok=True)
   metadata_text = json.dumps(metadata or {}, indent=2, sort_keys=True)
-
   final = step_dir(directory, step)
   tmp = os.path.join(directory, f'{_TMP_PREFIX}{step:08d}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+
+  # Process 0 prepares the temporary directory; the others wait for it.
+  if _is_primary():
+    os.makedirs(directory, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  _barrier(f'prepared step {step} in {directory}')
+
+  # Every process takes part in the Orbax save: each writes its own shards
+  # and Orbax synchronises and finalises `tree/` itself.
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(tmp, 'tree'), _keys_to_data(tree))
+    checkpointer.save(os.path.join(tmp, 'tree'), _to_save(tree))
     checkpointer.wait_until_finished()
-  with open(os.path.join(tmp, 'metadata.json'), 'w') as f:
-    f.write(metadata_text)
-  with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
-    json.dump(_manifest(tmp), f, indent=1)
+  _barrier(f'wrote the tree of step {step} in {directory}')
 
-  if os.path.exists(final):
-    shutil.rmtree(final)
-  os.rename(tmp, final)
-
-  for old in list_steps(directory)[:-keep]:
-    shutil.rmtree(step_dir(directory, old), ignore_errors=True)
+  if _is_primary():
+    with open(os.path.join(tmp, 'metadata.json'), 'w') as f:
+      f.write(metadata_text)
+    with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
+      json.dump(_manifest(tmp), f, indent=1)
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in list_steps(directory)[:-keep]:
+      shutil.rmtree(step_dir(directory, old), ignore_errors=True)
+  # Nobody returns (and reads the directory) before the step is in place.
+  _barrier(f'finished step {step} in {directory}')
   return final
 
 
@@ -195,10 +274,7 @@ def restore(directory: str, step: int, target: Any):
   _verify_manifest(root)
   with open(os.path.join(root, 'metadata.json')) as f:
     metadata = json.load(f)
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-    _keys_to_data(target),
-  )
+  abstract = jax.tree.map(_restore_target, _keys_to_data(target))
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(os.path.join(root, 'tree'), abstract)
   return _data_to_keys(restored, target), metadata

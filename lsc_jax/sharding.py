@@ -6,19 +6,24 @@ device (of every host once `jax.distributed` is initialised), `jax.jit` with
 program on its own slice. There is no process orchestration here and no
 `pmap`.
 
-- `make_mesh`, `data_sharding`, `replicated`: a one-axis data mesh.
+- `make_mesh`, `data_sharding`, `replicated`: a one-axis data mesh;
+  `training_mesh` (None for a one-device run), `on_mesh`.
 - `shard_batch` (each process passes its own rows) and `shard_global_batch`
   (every process holds the whole batch, as the project's batch iterators,
   pure functions of seed and epoch, give it) split a numpy batch's leading
   axis over the mesh; `to_host` brings results back to numpy on every
-  process.
+  process. `pad_rows` adds masked filler rows so that a batch splits
+  evenly (evaluation).
+- `item_table_rules`: split an SRM's item table by rows, or by columns
+  where its num_items + 2 rows do not split over the mesh.
 - `shard_train_step`: data-parallel training for any
   `step(state, batch) -> (state, metrics)` (the SRM steps of
   `lsc_jax.train.srm_steps`, the LLM step): the state is replicated, or its
   large tables are split over the mesh by `shard_rules`; the batch is split;
   the state is donated; the metrics come back replicated.
 - `shard_map_batched`: runs a function on every device's slice of a batch,
-  e.g. the LLM's constrained beam search over a batch of prompts.
+  e.g. the LLM's constrained beam search over a batch of prompts;
+  `mesh_llm` makes an LLM scorer's generation use it.
 - `sharded_adapt_and_score`: per-device SRM adaptation
   (`lsc_jax.collab.adapt`) with the users of each chunk split over the mesh.
 - `compile_report`: lowers and compiles a sharded train step on abstract
@@ -36,6 +41,9 @@ state = step.place_state(state)
 state, metrics = step(state, numpy_batch)   # or loop.train_loop(state, step...)
 ```
 
+`srm_steps.train_srm(..., mesh=mesh)`, `llm_steps.train_llm(..., mesh=mesh)`
+and `pipeline.run(config, log, mesh)` do all of this for a whole run.
+
 Data parallelism does not change the mathematics: the loss is a mean over
 the global batch wherever its rows live, and random bits
 (`jax_threefry_partitionable`, on by default) do not depend on the sharding,
@@ -47,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +71,7 @@ from lsc_jax.models import srm
 from lsc_jax.train import loop
 
 DATA_AXIS = 'data'
+_LOG = logging.getLogger(__name__)
 
 # A shard rule: (regular expression searched in a state leaf's '/'-joined
 # path, PartitionSpec of that leaf). See `state_shardings`.
@@ -164,6 +174,91 @@ def put_global(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(put, tree, shardings)
 
 
+def training_mesh(mesh: Mesh | None) -> Mesh | None:
+  """`mesh`, or None when there is nothing to split over.
+
+  A mesh of one device in a one-process run is plain single-device
+  training: the library's training functions then take their unsharded
+  path, so the numbers are those of a run without a mesh.
+  """
+  if mesh is None or (mesh.size == 1 and jax.process_count() == 1):
+    return None
+  return mesh
+
+
+def serial_dispatch(mesh: Mesh) -> bool:
+  """Whether programs on `mesh` should run one at a time (CPU meshes).
+
+  NOTE: XLA's CPU runtime can deadlock when many multi-device programs
+  with collectives are queued at once: seen with 8 forced host devices on
+  2 cores, where a queued train step's all-reduce waited for device threads
+  that never ran, until XLA aborted the process. On a CPU mesh of several
+  devices the sharded step and the sharded evaluation therefore wait for
+  each call to finish before the next is queued (CPU devices share the
+  same cores, so little overlap is lost); accelerators queue as usual.
+  """
+  return mesh.size > 1 and mesh.devices.flat[0].platform == 'cpu'
+
+
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+  """`tree` with every leaf on the devices of `mesh`: leaves already there
+  (replicated or split) are kept as they are, others are replicated."""
+  devices = set(mesh.devices.flat)
+  leaves = jax.tree.leaves(tree)
+  if all(
+    isinstance(x, jax.Array) and x.sharding.device_set == devices
+    for x in leaves
+  ):
+    return tree
+  return put_global(tree, replicated(mesh))
+
+
+def pad_rows(
+  batch: dict[str, np.ndarray], multiple: int, mask_key: str = 'mask'
+) -> tuple[dict[str, np.ndarray], int]:
+  """Pads a numpy batch's rows to a multiple of `multiple`.
+
+  Filler rows repeat the batch's first row with `batch[mask_key]` set to 0,
+  the project's convention for rows that count for nothing (the batch
+  iterators fill their last batch the same way), so every model input stays
+  a real one and no metric or loss sees the filler.
+
+  Args:
+    batch: dict of arrays that all have the same leading (row) axis, one of
+      them the row weights `mask_key` (`[rows]` or `[rows, ...]`).
+    multiple: e.g. the mesh size.
+    mask_key: the row weights.
+
+  Returns:
+    (padded batch, number of filler rows added).
+
+  Raises:
+    ValueError: a batch without `mask_key` or with leaves of different row
+      counts.
+  """
+  if mask_key not in batch:
+    raise ValueError(
+      f'pad_rows: the batch has no {mask_key!r} leaf to mark filler rows '
+      f'(leaves: {sorted(batch)})'
+    )
+  rows = len(batch[mask_key])
+  uneven = {k: np.shape(v) for k, v in batch.items() if len(v) != rows}
+  if uneven:
+    raise ValueError(
+      f'pad_rows: every leaf needs the {rows} rows of {mask_key!r}; got '
+      f'{uneven}'
+    )
+  extra = -rows % multiple
+  if not extra or not rows:
+    return batch, 0
+  index = np.r_[np.arange(rows), np.zeros(extra, np.int64)]
+  out = {k: np.asarray(v)[index] for k, v in batch.items()}
+  mask = np.array(out[mask_key])
+  mask[rows:] = 0
+  out[mask_key] = mask
+  return out, extra
+
+
 def _leaf_name(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator='/') or '<root>'
 
@@ -246,11 +341,27 @@ def to_host(tree: Any) -> Any:
   """Numpy copies of a pytree of (possibly sharded) arrays, on every process.
 
   With several processes, arrays split over devices of other processes are
-  gathered first (`multihost_utils.process_allgather`).
+  gathered first (`multihost_utils.process_allgather`, one collective for
+  all of them, so every process must pass the same tree); numpy arrays and
+  arrays on this process's devices are copied as they are.
   """
   if jax.process_count() == 1:
     return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree, tiled=True)
+  leaves, treedef = jax.tree.flatten(tree)
+  remote = [
+    i
+    for i, x in enumerate(leaves)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable
+  ]
+  skip = set(remote)
+  out = [None if i in skip else jax.device_get(x) for i, x in enumerate(leaves)]
+  if remote:
+    gathered = multihost_utils.process_allgather(
+      [leaves[i] for i in remote], tiled=True
+    )
+    for i, value in zip(remote, gathered, strict=True):
+      out[i] = value
+  return jax.tree.unflatten(treedef, out)
 
 
 def abstract(tree: Any) -> Any:
@@ -265,12 +376,23 @@ def abstract(tree: Any) -> Any:
 
 
 def item_table_rules(
-  axis_name: str = DATA_AXIS, layout: str = 'rows'
+  axis_name: str = DATA_AXIS,
+  layout: str = 'rows',
+  *,
+  num_items: int | None = None,
+  mesh: Mesh | None = None,
+  log: Callable[[str], None] | None = None,
 ) -> tuple[ShardRule, ...]:
   """Shard rules that split an SRM's item embedding table over the mesh.
 
   They match the table (`item_embedding/embedding`) in the parameters and in
   the optimizer state (Adam's moments have the same paths).
+
+  The table has `num_items + 2` rows (padding, the items, the OOV row),
+  rarely a multiple of the device count (Beauty: 12,103 rows). Given
+  `num_items` and `mesh`, a 'rows' layout whose rows do not split evenly
+  falls back to 'columns' and says why through `log`. (Padding the table
+  instead would change the models' parameter shapes and every checkpoint.)
 
   Args:
     axis_name: the mesh axis to split over.
@@ -279,6 +401,13 @@ def item_table_rules(
       row count must be a multiple of the mesh size. 'columns' splits the
       embedding width (any item count; every score then needs a sum across
       devices).
+    num_items: the SRM's catalogue size, to check the row count (None: no
+      check; `state_shardings` raises if the rows do not split).
+    mesh: the mesh the rules are for (None: no check).
+    log: receives the fallback line (default `logging.warning`).
+
+  Returns:
+    One (pattern, PartitionSpec) rule.
   """
   specs = {
     'rows': PartitionSpec(axis_name, None),
@@ -288,6 +417,16 @@ def item_table_rules(
     raise ValueError(
       f"item_table_rules: layout must be 'rows' or 'columns', got {layout!r}"
     )
+  if layout == 'rows' and num_items is not None and mesh is not None:
+    rows, devices = num_items + 2, mesh.shape[axis_name]
+    if rows % devices:
+      (log or _LOG.warning)(
+        f'item_table_rules: the SRM item table has {rows:,} rows '
+        f'(num_items + 2), not a multiple of the {devices} devices of mesh '
+        f'axis {axis_name!r}; splitting its columns (the embedding width) '
+        'instead'
+      )
+      layout = 'columns'
   return ((r'item_embedding/embedding$', specs[layout]),)
 
 
@@ -393,7 +532,8 @@ class ShardedStep:
   process passes its own rows; a batch of jax arrays placed by the caller
   is used as it is) and compiles once per batch shape, logging
   the compile (`lsc_jax.train.loop.CompiledStep`). It is a drop-in
-  `train_step` for `loop.train_loop`.
+  `train_step` for `loop.train_loop`. On a CPU mesh each call waits for
+  its step to finish (`serial_dispatch`).
 
   Attributes:
     mesh: the mesh.
@@ -423,6 +563,7 @@ class ShardedStep:
     # CompiledStep jits `jitted` again; the outer jit inlines the inner one,
     # keeps its shardings and adds the per-shape compile log.
     self._compiled = loop.CompiledStep(self.jitted, name, log=log)
+    self._wait_each_call = serial_dispatch(mesh)
 
   @property
   def num_compiles(self) -> int:
@@ -460,7 +601,10 @@ class ShardedStep:
     return self.jitted.lower(state, batch)
 
   def __call__(self, state: Any, batch: Any) -> tuple[Any, Any]:
-    return self._compiled(state, self.place_batch(batch))
+    state, metrics = self._compiled(state, self.place_batch(batch))
+    if self._wait_each_call:
+      jax.block_until_ready(metrics)
+    return state, metrics
 
 
 def shard_train_step(
@@ -613,6 +757,36 @@ def shard_map_batched(
   return BatchedFunction(fn, mesh, frozenset(shared_argnums))
 
 
+def mesh_llm(llm, mesh: Mesh):
+  """A copy of an `LLMScorer` whose beam searches split prompts over `mesh`.
+
+  `lsc_jax.models.llm.generate_for_windows(mesh_llm(llm, mesh), ...)` then
+  generates each batch with its prompts split over the devices
+  (`shard_map_batched`) and gathers the lists on every process; the
+  parameters are replicated once. The batch size of the generation must be
+  a multiple of `mesh.size` (its filler prompts are dropped as usual).
+
+  Args:
+    llm: an `lsc_jax.models.llm.LLMScorer`.
+    mesh: the mesh.
+
+  Returns:
+    A new `LLMScorer` sharing `llm`'s model, tokenizer and identifiers.
+  """
+  copy = dataclasses.replace(llm, params=on_mesh(llm.params, mesh))
+  searches: dict[tuple[int, int], Callable] = {}
+
+  def searcher(beam_size: int, num_candidates: int) -> Callable:
+    key = (beam_size, num_candidates)
+    if key not in searches:
+      split = shard_map_batched(llm.searcher(beam_size, num_candidates), mesh)
+      searches[key] = lambda *args: to_host(split(*args))
+    return searches[key]
+
+  copy.searcher = searcher
+  return copy
+
+
 @functools.lru_cache(maxsize=16)
 def _sharded_chunk_function(model, config, mesh: Mesh) -> BatchedFunction:
   """The vmapped per-device update over a chunk, split over `mesh` (cached,
@@ -678,7 +852,7 @@ def sharded_adapt_and_score(
         f'0..{model.num_items}'
       )
 
-  adapted, frozen = adapt.partition_params(params, config.is_adapted)
+  adapted, frozen = adapt.split_params(model, params, config)
   # Copied to every device once, not once per chunk.
   adapted, frozen = put_global((adapted, frozen), replicated(mesh))
   run_chunk = _sharded_chunk_function(model, config, mesh)

@@ -6,10 +6,17 @@ CPU host devices (the pytest process has already started jax with one).
   python tests/sharding_worker.py mesh OUT_DIR
       8 host devices: single-device reference runs and their sharded
       versions (training, adaptation, LLM generation, compile reports).
+  python tests/sharding_worker.py train OUT_DIR
+      8 host devices: `train_srm` and `train_llm` on a slice of the
+      built-in Beauty data with and without a mesh, generation through
+      `sharding.mesh_llm`, and the single-device `train_srm` reference of
+      the two-process run below.
   python tests/sharding_worker.py multihost OUT_DIR PROCESS_ID PORT
       one of 2 processes with 4 host devices each, joined by
       `jax.distributed.initialize` on localhost: sharded training from
-      global and from process-local batches, and sharded adaptation.
+      global and from process-local batches, sharded adaptation, one
+      checkpoint saved and restored by both processes in one directory,
+      and `train_srm` and `train_llm` over both processes with a workdir.
 
 Results go to OUT_DIR as .npz arrays and a JSON file; the tests compare
 them. `lsc_jax` is imported inside the functions, after the multi-host
@@ -31,6 +38,8 @@ MAX_LEN = 12
 BATCH_SIZE = 32
 NUM_STEPS = 4
 SEED = 3
+BEAUTY_USERS = 300
+LLM_WINDOWS = 96
 
 
 def _sequences(num_users=NUM_USERS, seed=0):
@@ -99,6 +108,80 @@ def _flat_params(params):
     jax.tree_util.keystr(path, simple=True, separator='/'): np.asarray(x)
     for path, x in leaves
   }
+
+
+def _save(out_dir, stem, results, arrays):
+  np.savez(os.path.join(out_dir, f'{stem}.npz'), **arrays)
+  with open(os.path.join(out_dir, f'{stem}.json'), 'w') as f:
+    json.dump(results, f, indent=1)
+
+
+def _synthetic_srm_run(mesh, workdir=None):
+  """`train_srm` for one epoch on the synthetic sequences (table rows
+  split over the mesh when there is one)."""
+  from lsc_jax import sharding
+  from lsc_jax.data.splits import Windows
+  from lsc_jax.models import registry
+  from lsc_jax.train import srm_steps
+
+  sequences = _sequences()
+  lengths = np.array([len(s) for s in sequences])
+  users = np.repeat(np.arange(NUM_USERS), lengths - 3)
+  positions = np.concatenate([np.arange(1, n - 2) for n in lengths])
+  config = registry.get_srm_config(
+    'sasrec',
+    'smoke',
+    epochs=1,
+    batch_size=BATCH_SIZE,
+    bucket_edges=(MAX_LEN,),
+    eval_batch_size=64,
+  )
+  rules = () if mesh is None else sharding.item_table_rules()
+  return srm_steps.train_srm(
+    'sasrec',
+    sequences=sequences,
+    num_items=NUM_ITEMS,
+    train_windows=Windows(users, positions),
+    valid_windows=Windows(np.arange(NUM_USERS), lengths - 2),
+    config=config,
+    seed=SEED,
+    workdir=workdir,
+    log=lambda _: None,
+    mesh=mesh,
+    shard_rules=rules,
+  )
+
+
+def _llm_run(dataset, split, mesh, workdir=None):
+  """`train_llm`: smoke T5, one epoch on the first LLM_WINDOWS windows."""
+  from lsc_jax.train import llm_steps
+
+  config = llm_steps.train_config(
+    'smoke', epochs=1, batch_size=16, max_history=5, log_every_seconds=1e9
+  )
+  return llm_steps.train_llm(
+    sequences=dataset.sequences,
+    num_users=dataset.num_users,
+    num_items=dataset.num_items,
+    split=split,
+    preset='smoke',
+    seed=SEED,
+    config=config,
+    max_windows=LLM_WINDOWS,
+    workdir=workdir,
+    log=lambda _: None,
+    mesh=mesh,
+  )
+
+
+def _beauty_slice():
+  from lsc_jax import data
+
+  dataset = data.load('beauty', verbose=False)
+  dataset = dataset.from_sequences(
+    dataset.sequences[:BEAUTY_USERS], num_items=dataset.num_items
+  )
+  return dataset, data.positional_split(dataset, gap=2)
 
 
 def _adapt_setup():
@@ -321,6 +404,138 @@ def mesh_checks(out_dir):
     json.dump(results, f, indent=1)
 
 
+def train_checks(out_dir):
+  import dataclasses
+
+  from lsc_jax import sharding
+  from lsc_jax.models import llm as llm_lib
+  from lsc_jax.models import registry
+  from lsc_jax.train import srm_steps
+
+  assert jax.device_count() == 8, jax.devices()
+  mesh = sharding.make_mesh()
+  results = {'seconds': {}}
+  arrays = {}
+  clock = [time.perf_counter()]
+
+  def lap(name):
+    now = time.perf_counter()
+    results['seconds'][name] = round(now - clock[0], 2)
+    clock[0] = now
+
+  # train_srm on 300 Beauty users; 60-row evaluation batches do not split
+  # over 8 devices, so the sharded evaluator pads them.
+  dataset, split = _beauty_slice()
+  config = registry.get_srm_config(
+    'sasrec', 'smoke', epochs=1, eval_batch_size=60
+  )
+  results['num_items'] = dataset.num_items
+  fallback = []
+  rules = sharding.item_table_rules(
+    num_items=dataset.num_items, mesh=mesh, log=fallback.append
+  )
+  results['fallback_log'] = fallback
+  for label, run_mesh in (('reference', None), ('sharded', mesh)):
+    lines = []
+    run = srm_steps.train_srm(
+      'sasrec',
+      sequences=dataset.sequences,
+      num_items=dataset.num_items,
+      train_windows=split.srm_train,
+      valid_windows=split.valid,
+      test_windows=split.test,
+      config=config,
+      seed=SEED,
+      log=lines.append,
+      mesh=run_mesh,
+      shard_rules=rules if run_mesh is not None else (),
+    )
+    for name, value in _flat_params(run.params).items():
+      arrays[f'srm_{label}/{name}'] = value
+    results[f'srm_{label}_valid'] = run.valid
+    results[f'srm_{label}_steps'] = int(run.loop.state.step)
+    results[f'srm_{label}_test'] = run.test
+    results[f'srm_{label}_history'] = [
+      {k: v for k, v in r.items() if 'second' not in k}
+      for r in run.loop.history
+    ]
+    results[f'srm_{label}_params_type'] = type(
+      jax.tree.leaves(run.params)[0]
+    ).__name__
+    results[f'srm_{label}_lines'] = [
+      line for line in lines if 'filler' in line or 'data-parallel' in line
+    ]
+    if run_mesh is not None:
+      table = run.loop.state.params['params']['item_embedding']['embedding']
+      results['srm_table_spec'] = str(table.sharding.spec)
+      results['srm_table_shard_shape'] = list(
+        table.addressable_shards[0].data.shape
+      )
+  try:
+    srm_steps.train_srm(
+      'sasrec',
+      sequences=dataset.sequences,
+      num_items=dataset.num_items,
+      train_windows=split.srm_train,
+      valid_windows=split.valid,
+      config=dataclasses.replace(config, batch_size=30),
+      mesh=mesh,
+      log=lambda _: None,
+    )
+    results['srm_bad_batch_error'] = None
+  except ValueError as error:
+    results['srm_bad_batch_error'] = str(error)
+
+  lap('train_srm')
+
+  # The single-device reference of the two-process train_srm run.
+  run = _synthetic_srm_run(None)
+  for name, value in _flat_params(run.params).items():
+    arrays[f'synthetic/{name}'] = value
+  results['synthetic_valid'] = run.valid
+  results['synthetic_steps'] = int(run.loop.state.step)
+
+  lap('synthetic reference')
+
+  # train_llm, smoke T5, one epoch on the first LLM windows.
+  llm_runs = {}
+  for label, run_mesh in (('reference', None), ('sharded', mesh)):
+    run = _llm_run(dataset, split, run_mesh)
+    llm_runs[label] = run
+    for name, value in _flat_params(run.llm.params).items():
+      arrays[f'llm_{label}/{name}'] = value
+    arrays[f'llm_{label}_loss'] = np.asarray(
+      [r['train/loss'] for r in run.loop.history]
+    )
+    results[f'llm_{label}_steps'] = int(run.loop.state.step)
+
+  lap('train_llm')
+
+  # Generation with each batch's 16 prompts split 2 per device, against
+  # the unsharded search on batches of 2 (what each device sees).
+  test = split.test
+  reference = llm_runs['reference'].llm
+  kwargs = dict(gap=2, num_candidates=5, beam_size=5, log_fn=lambda _: None)
+  users, positions = test.users[:32], test.positions[:32]
+  items, scores = llm_lib.generate_for_windows(
+    sharding.mesh_llm(reference, mesh),
+    dataset.sequences,
+    users,
+    positions,
+    batch_size=16,
+    **kwargs,
+  )
+  arrays['generate_mesh_items'], arrays['generate_mesh_scores'] = items, scores
+  items, scores = llm_lib.generate_for_windows(
+    reference, dataset.sequences, users, positions, batch_size=2, **kwargs
+  )
+  arrays['generate_plain_items'] = items
+  arrays['generate_plain_scores'] = scores
+
+  lap('generation')
+  _save(out_dir, 'train', results, arrays)
+
+
 def multihost_checks(out_dir, process_id, port):
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(
@@ -365,16 +580,87 @@ def multihost_checks(out_dir, process_id, port):
   )
   arrays['adapt_scores'] = result.scores
 
-  np.savez(os.path.join(out_dir, f'multihost_{process_id}.npz'), **arrays)
-  with open(os.path.join(out_dir, f'multihost_{process_id}.json'), 'w') as f:
-    json.dump(results, f, indent=1)
+  # One checkpoint directory written and read by both processes: a state
+  # whose item table rows are split over the 8 devices of both processes,
+  # and an array each process holds whole on its own device.
+  from lsc_jax import checkpoint
+
+  split_step = sharding.shard_train_step(
+    step_fn,
+    mesh,
+    make_state(),
+    batches[0],
+    shard_rules=sharding.item_table_rules(),
+    log=lambda _: None,
+  )
+  trained, _ = _run(split_step, split_step.place_state(make_state()), batches)
+  local = jax.numpy.arange(11.0)
+  directory = os.path.join(out_dir, 'checkpoint')
+  first = {'state': split_step.place_state(make_state()), 'local': local * 0}
+  checkpoint.save(directory, 1, first, {'epoch': 1}, keep=1)
+  checkpoint.save(
+    directory, 2, {'state': trained, 'local': local}, {'epoch': 2}, keep=1
+  )
+  results['checkpoint_steps'] = checkpoint.list_steps(directory)
+  target = {
+    'state': split_step.place_state(make_state()),
+    'local': jax.numpy.zeros(11),
+  }
+  tree, metadata, step_number = checkpoint.restore_latest(directory, target)
+  results['checkpoint_metadata'] = metadata
+  results['checkpoint_step'] = step_number
+  restored = tree['state']
+  table = restored.params['params']['item_embedding']['embedding']
+  results['checkpoint_table_spec'] = str(table.sharding.spec)
+  results['checkpoint_table_shard_shape'] = list(
+    table.addressable_shards[0].data.shape
+  )
+  results['checkpoint_state_step'] = int(restored.step)
+  saved_host = sharding.to_host(
+    (trained.opt_state, jax.random.key_data(trained.key))
+  )
+  restored_host = sharding.to_host(
+    (restored.opt_state, jax.random.key_data(restored.key))
+  )
+  results['checkpoint_opt_state_and_key_equal'] = all(
+    np.array_equal(a, b)
+    for a, b in zip(
+      jax.tree.leaves(saved_host), jax.tree.leaves(restored_host), strict=True
+    )
+  )
+  for name, value in _flat_params(trained.params).items():
+    arrays[f'checkpoint_saved/{name}'] = value
+  for name, value in _flat_params(restored.params).items():
+    arrays[f'checkpoint_restored/{name}'] = value
+  arrays['checkpoint_local'] = np.asarray(tree['local'])
+
+  # train_srm over both processes, checkpoints and metrics in one workdir.
+  run = _synthetic_srm_run(mesh, workdir=os.path.join(out_dir, 'train_srm'))
+  for name, value in _flat_params(run.params).items():
+    arrays[f'synthetic/{name}'] = value
+  results['synthetic_valid'] = run.valid
+  results['synthetic_steps'] = int(run.loop.state.step)
+
+  # train_llm over both processes: one tokenizer (process 0 trains and
+  # saves it), checkpoints and metrics in one workdir.
+  dataset, split = _beauty_slice()
+  run = _llm_run(dataset, split, mesh, os.path.join(out_dir, 'train_llm'))
+  for name, value in _flat_params(run.llm.params).items():
+    arrays[f'llm/{name}'] = value
+  arrays['llm_loss'] = np.asarray([r['train/loss'] for r in run.loop.history])
+
+  _save(out_dir, f'multihost_{process_id}', results, arrays)
   jax.distributed.shutdown()
 
 
 if __name__ == '__main__':
   if sys.argv[1] == 'mesh':
     mesh_checks(sys.argv[2])
+  elif sys.argv[1] == 'train':
+    train_checks(sys.argv[2])
   elif sys.argv[1] == 'multihost':
     multihost_checks(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
   else:
-    raise SystemExit(f'unknown mode {sys.argv[1]!r}; expected mesh|multihost')
+    raise SystemExit(
+      f'unknown mode {sys.argv[1]!r}; expected mesh|train|multihost'
+    )

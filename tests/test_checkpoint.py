@@ -203,3 +203,17 @@ def test_relative_directory_round_trips(tmp_path, monkeypatch):
   )
   assert step == 7 and metadata == {'epoch': 1}
   np.testing.assert_array_equal(restored['w'], np.arange(5.0))
+
+
+def test_numpy_tree_restores_onto_the_local_device(tmp_path):
+  # Trained parameters come back from a mesh run as numpy copies; they are
+  # saved and restored like any tree, onto this process's first device.
+  directory = str(tmp_path / 'numpy')
+  tree = {'w': np.arange(6.0, dtype=np.float32).reshape(2, 3), 'n': np.int32(4)}
+  checkpoint.save(directory, 0, tree, keep=1)
+  restored, _ = checkpoint.restore(
+    directory, 0, jax.tree.map(np.zeros_like, tree)
+  )
+  np.testing.assert_array_equal(restored['w'], tree['w'])
+  assert int(restored['n']) == 4
+  assert restored['w'].devices() == {jax.local_devices()[0]}

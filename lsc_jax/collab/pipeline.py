@@ -21,6 +21,14 @@ checkpoints):
 
 The library reads no flags: `experiments/lsc4rec.py` builds a
 `PipelineConfig` and calls `run`.
+
+With a mesh (`run(config, log, mesh)`), the LLM and SRM training stages
+train data-parallel, the LLM's lists are generated with each batch's
+prompts split over the devices, and per-device adaptation splits each
+chunk's users (`lsc_jax.sharding`). In a multi-host run every process runs
+the pipeline over a workdir that all of them see; only process 0 writes
+the stage markers, cached arrays and results (checkpoints are written
+together, see `lsc_jax.checkpoint`).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lsc_jax import checkpoint
+from lsc_jax import checkpoint, sharding
 from lsc_jax import data as data_lib
 from lsc_jax.collab import adapt as adapt_lib
 from lsc_jax.collab import cooperative, rerank, simulate
@@ -46,6 +54,10 @@ from lsc_jax.train import srm_steps
 _LOG = logging.getLogger(__name__)
 
 KS = (1, 5, 10, 20)
+
+
+# Fusion weights tried on validation: 0.05, 0.1, 0.2, ..., 0.9, 0.95.
+ALPHA_GRID = (0.05, *(round(0.1 * i, 1) for i in range(1, 10)), 0.95)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +89,17 @@ class PipelineConfig:
     adapt_devices: adapt per device (stage 6) or not.
     final_srm: SRM whose scores the fusion and the gate use: 'retrained'
       (the paper), 'adapted', 'cooperative' or 'independent'.
-    alpha: LLM weight of the fusion.
-    llm_score: 'rank' (the paper: 1 - j/K) or 'logprob'.
-    normalisation: SRM score normalisation of the fusion.
+    alpha: LLM weight of the fusion; None (the default) chooses it on the
+      validation users' stale lists from `alpha_grid` by `alpha_metric`.
+    alpha_grid: the weights tried when `alpha` is None.
+    alpha_metric: the validation metric that chooses alpha.
+    llm_score: 'logprob' (the default: the LLM's sequence log-probability,
+      min-max normalised per list) or 'rank' (the paper: 1 - j/K).
+    normalisation: SRM score normalisation of the fusion: 'minmax' (the
+      default) or the paper's 'sigmoid', which suits SRMs trained with a
+      pointwise BCE loss; the `cpu` SRMs train with full cross-entropy,
+      whose logits are large enough that sigmoid saturates and erases the
+      SRM's order within a list.
     consistency: 'kendall' (tau-b) or 'footrule' (the official code's).
     ratios: request budgets to simulate.
     workdir: where every stage writes.
@@ -106,9 +126,11 @@ class PipelineConfig:
   adapt: adapt_lib.AdaptConfig = adapt_lib.AdaptConfig()
   adapt_devices: bool = True
   final_srm: str = 'retrained'
-  alpha: float = 0.5
-  llm_score: str = 'rank'
-  normalisation: str = 'sigmoid'
+  alpha: float | None = None
+  alpha_grid: Sequence[float] = ALPHA_GRID
+  alpha_metric: str = 'ndcg@10'
+  llm_score: str = 'logprob'
+  normalisation: str = 'minmax'
   consistency: str = 'kendall'
   ratios: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
   workdir: str = 'workdir/lsc4rec'
@@ -120,8 +142,18 @@ class PipelineConfig:
       )
     if self.final_srm == 'adapted' and not self.adapt_devices:
       raise ValueError("final_srm='adapted' needs adapt_devices=True")
-    if not 0.0 <= self.alpha <= 1.0:
-      raise ValueError(f'alpha must be in [0, 1], got {self.alpha}')
+    alphas = list(self.alpha_grid) + (
+      [] if self.alpha is None else [self.alpha]
+    )
+    bad = [a for a in alphas if not 0.0 <= a <= 1.0]
+    if bad or not self.alpha_grid:
+      raise ValueError(
+        f'alpha and alpha_grid must be in [0, 1] (grid non-empty), got '
+        f'alpha={self.alpha}, alpha_grid={self.alpha_grid}'
+      )
+    object.__setattr__(
+      self, 'alpha_grid', tuple(float(a) for a in self.alpha_grid)
+    )
     bad = [r for r in self.ratios if not 0.0 <= r <= 1.0]
     if bad:
       raise ValueError(f'ratios must be in [0, 1], got {bad}')
@@ -156,12 +188,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     retrain_epochs=1,
     num_candidates=10,
     beam_size=10,
-    coop_candidates=5,
+    # Cooperative lists as long as the test lists: one beam search shape.
+    coop_candidates=10,
     coop=cooperative.CooperativeConfig(epochs=1, num_negatives=5),
     adapt=adapt_lib.AdaptConfig(num_steps=2, chunk_size=64),
   ),
   # The paper's sizes: T5-small, SRM d 32 with history 10, decimal ids.
-  'paper': dict(srm_preset='paper', llm_preset='t5-small', id_scheme='text'),
+  'paper': dict(
+    srm_preset='paper',
+    llm_preset='t5-small',
+    id_scheme='text',
+    llm_score='rank',
+    normalisation='sigmoid',
+  ),
 }
 
 
@@ -190,12 +229,14 @@ class Stages:
       return json.load(f)
 
   def finish(self, stage: str, summary: dict[str, Any], seconds: float):
-    os.makedirs(self.path(stage), exist_ok=True)
-    record = dict(summary, seconds=round(seconds, 2))
-    tmp = self.path(stage, 'done.json.tmp')
-    with open(tmp, 'w') as f:
-      json.dump(record, f, indent=1, sort_keys=True, default=float)
-    os.replace(tmp, self.path(stage, 'done.json'))
+    # Process 0 alone marks a stage finished (every process sees the file).
+    if jax.process_index() == 0:
+      os.makedirs(self.path(stage), exist_ok=True)
+      record = dict(summary, seconds=round(seconds, 2))
+      tmp = self.path(stage, 'done.json.tmp')
+      with open(tmp, 'w') as f:
+        json.dump(record, f, indent=1, sort_keys=True, default=float)
+      os.replace(tmp, self.path(stage, 'done.json'))
     self.seconds[stage] = seconds
     self.log(f'[{stage}] finished in {seconds:.1f} s: ' + _short(summary))
 
@@ -225,6 +266,8 @@ def _load_params(path: str, like):
 
 
 def _save_arrays(path: str, **arrays):
+  if jax.process_index() != 0:  # every process holds the same arrays
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp.npz'
   np.savez(tmp, **arrays)
@@ -308,6 +351,7 @@ class Context:
   llm_test: dict[str, float] = dataclasses.field(default_factory=dict)
   coop_windows: Any = None
   timings: dict[str, float] = dataclasses.field(default_factory=dict)
+  mesh: Any = None  # a jax.sharding.Mesh to split work over, or None
 
 
 def _srm_config(config: PipelineConfig, **overrides):
@@ -334,8 +378,12 @@ def stage_llm(ctx: Context):
     epochs=config.llm_epochs,
     workdir=ctx.stages.path('llm'),
     log=ctx.log,
+    mesh=ctx.mesh,
   )
   ctx.llm = run.llm
+  if sharding.training_mesh(ctx.mesh) is not None:
+    # Its beam searches split each batch's prompts over the mesh.
+    ctx.llm = sharding.mesh_llm(run.llm, ctx.mesh)
   if finished is None:
     ctx.stages.finish(
       'llm', {'epochs': len(run.loop.history)}, time.perf_counter() - start
@@ -369,6 +417,7 @@ def stage_srm_independent(ctx: Context):
     workdir=ctx.stages.path('srm_independent', 'train'),
     ks=KS,
     log=ctx.log,
+    mesh=ctx.mesh,
   )
   ctx.params['independent'] = run.params
   ctx.srm_full['independent'] = run.test
@@ -394,6 +443,8 @@ def _generate(ctx: Context, name: str, windows, *, gap: int, k: int):
     ctx.lists[name] = cached
     return cached
   start = time.perf_counter()
+  # With a mesh, batches of a multiple of its size (filler prompts dropped).
+  devices = 1 if ctx.mesh is None else ctx.mesh.size
   items, scores = llm_lib.generate_for_windows(
     ctx.llm,
     ctx.dataset.sequences,
@@ -404,6 +455,7 @@ def _generate(ctx: Context, name: str, windows, *, gap: int, k: int):
     beam_size=max(
       k, ctx.config.beam_size if k == ctx.config.num_candidates else k
     ),
+    batch_size=devices * -(-64 // devices),
     log_fn=ctx.log,
   )
   seconds = time.perf_counter() - start
@@ -448,7 +500,10 @@ def stage_lists(ctx: Context):
         hit.mean()
       )
   if ctx.stages.done('lists') is None:
-    ctx.stages.finish('lists', dict(ctx.llm_test), 0.0)
+    generated = sum(
+      v for k, v in ctx.timings.items() if k.startswith('llm_generate_')
+    )
+    ctx.stages.finish('lists', dict(ctx.llm_test), generated)
 
 
 def _histories(ctx: Context, windows) -> np.ndarray:
@@ -567,6 +622,7 @@ def stage_retrain(ctx: Context):
     params=jax.tree.map(np.array, ctx.params['cooperative']),
     ks=KS,
     log=ctx.log,
+    mesh=ctx.mesh,
   )
   ctx.params['retrained'] = run.params
   ctx.srm_full['retrained'] = run.test
@@ -619,13 +675,29 @@ def stage_adapt(ctx: Context, part: str) -> dict[str, np.ndarray]:
     seed=config.seed,
   )
   start = time.perf_counter()
-  result = adapt_lib.adapt_and_score(
-    ctx.model,
-    ctx.params['retrained'],
-    data,
-    config.adapt,
-    log=lambda line: None,
-  )
+  mesh = ctx.mesh
+  if mesh is not None and mesh.size > 1:
+    # Each chunk's users split over the mesh; a chunk must split evenly, so
+    # its size is rounded up (no effect on the scores).
+    adapt_config = config.adapt
+    if adapt_config.chunk_size % mesh.size:
+      chunk = mesh.size * -(-adapt_config.chunk_size // mesh.size)
+      ctx.log(
+        f'[adapted] chunk_size {adapt_config.chunk_size} rounded up to '
+        f'{chunk}, a multiple of the {mesh.size} devices of the mesh'
+      )
+      adapt_config = dataclasses.replace(adapt_config, chunk_size=chunk)
+    result = sharding.sharded_adapt_and_score(
+      ctx.model, ctx.params['retrained'], data, adapt_config, mesh
+    )
+  else:
+    result = adapt_lib.adapt_and_score(
+      ctx.model,
+      ctx.params['retrained'],
+      data,
+      config.adapt,
+      log=lambda line: None,
+    )
   seconds = time.perf_counter() - start
   k = stale.shape[1]
   out = {'stale': result.scores[:, :k], 'fresh': result.scores[:, k:]}
@@ -657,6 +729,29 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
   if config.adapt_devices:
     scores['adapted'] = stage_adapt(ctx, 'test')
     stage_names.append('adapted')
+
+  # Validation users' lists choose alpha (and calibrate the gate below).
+  final = config.final_srm
+  if final == 'adapted':
+    valid_scores = stage_adapt(ctx, 'valid')
+  else:
+    valid_scores = _srm_scores(ctx, final, 'valid')
+  valid_stale = _user_lists(ctx, 'valid', 'stale', valid_scores)
+  alpha_curve = {}
+  alpha = config.alpha
+  if alpha is None:
+    alpha, alpha_curve = simulate.choose_alpha(
+      valid_stale,
+      _targets(ctx, ctx.split.valid),
+      grid=config.alpha_grid,
+      metric=config.alpha_metric,
+      llm_score=config.llm_score,
+      normalisation=config.normalisation,
+    )
+    ctx.log(
+      f'[fusion] alpha {alpha:g} chosen on validation {config.alpha_metric} '
+      '(' + ', '.join(f'{a:g}: {v:.4f}' for a, v in alpha_curve.items()) + ')'
+    )
 
   def metrics_of(lists, alpha):
     return simulate.list_metrics(
@@ -712,20 +807,15 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
     lists = _user_lists(ctx, 'test', 'stale', scores[stage])
     rows.append(
       dict(
-        name=f'fusion, alpha {config.alpha} ({stage})',
+        name=fusion_row_name(alpha, stage),
         group='fusion',
         protocol=f'candidates@{config.num_candidates}',
-        metrics=metrics_of(lists, config.alpha),
+        alpha=alpha,
+        metrics=metrics_of(lists, alpha),
       )
     )
 
   # The gate: final SRM scores on stale lists, calibrated on validation.
-  final = config.final_srm
-  if final == 'adapted':
-    valid_scores = stage_adapt(ctx, 'valid')
-  else:
-    valid_scores = _srm_scores(ctx, final, 'valid')
-  valid_stale = _user_lists(ctx, 'valid', 'stale', valid_scores)
   stale = _user_lists(ctx, 'test', 'stale', scores[final])
   fresh = _user_lists(ctx, 'test', 'fresh', scores[final])
   test_consistency = simulate.consistency(stale, config.consistency)
@@ -743,7 +833,7 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
         history_lengths=history_lengths,
         test_consistency=test_consistency,
         valid_consistency=valid_consistency,
-        alpha=config.alpha,
+        alpha=alpha,
         llm_score=config.llm_score,
         normalisation=config.normalisation,
         seed=config.seed,
@@ -762,9 +852,15 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
       )
   return {
     'rows': rows + requests,
+    'alpha': alpha,
+    'alpha_validation': {f'{a:g}': v for a, v in alpha_curve.items()},
     'final_srm': final,
     'num_test_users': int(len(test)),
   }
+
+
+def fusion_row_name(alpha: float, stage: str) -> str:
+  return f'fusion, alpha {alpha:g} ({stage})'
 
 
 def checks(results: dict[str, Any], config: PipelineConfig) -> list[str]:
@@ -772,7 +868,7 @@ def checks(results: dict[str, Any], config: PipelineConfig) -> list[str]:
   rows = results['rows']
   by_name = {r['name']: r for r in rows}
   final = results['final_srm']
-  fusion = by_name[f'fusion, alpha {config.alpha} ({final})']['metrics']
+  fusion = by_name[fusion_row_name(results['alpha'], final)]['metrics']
   llm = by_name['LLM only (stale list)']['metrics']
   srm = by_name[f'SRM only, re-ranks stale list ({final})']['metrics']
   lines = []
@@ -850,21 +946,38 @@ def plot_curve(results: dict[str, Any], path: str, metric: str = 'ndcg@5'):
 
 
 def run(
-  config: PipelineConfig, log: Callable[[str], None] | None = None
+  config: PipelineConfig,
+  log: Callable[[str], None] | None = None,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
   """Runs (or resumes) every stage and writes the results to the workdir.
 
+  Args:
+    config: the settings.
+    log: receives progress lines (default `logging.info`).
+    mesh: split the training stages, the LLM's lists and per-device
+      adaptation over this mesh (None: one device). In a multi-host run
+      every process calls `run` with the same arguments.
+
   Returns:
-    The results dict also written to `<workdir>/results.json`.
+    The results dict also written to `<workdir>/results.json` (by process
+    0; every process returns it).
   """
   log = log or _LOG.info
   start = time.perf_counter()
+  primary = jax.process_index() == 0
   stages = Stages(config.workdir, log)
-  with open(os.path.join(config.workdir, 'config.json'), 'w') as f:
-    json.dump(config.to_dict(), f, indent=1, default=str)
+  if primary:
+    with open(os.path.join(config.workdir, 'config.json'), 'w') as f:
+      json.dump(config.to_dict(), f, indent=1, default=str)
   dataset, split = load_data(config, log)
   ctx = Context(
-    config=config, dataset=dataset, split=split, stages=stages, log=log
+    config=config,
+    dataset=dataset,
+    split=split,
+    stages=stages,
+    log=log,
+    mesh=mesh,
   )
 
   stage_llm(ctx)
@@ -878,6 +991,8 @@ def run(
   results['timings'] = {k: round(v, 3) for k, v in ctx.timings.items()}
   results['seconds'] = round(time.perf_counter() - start, 1)
   results['checks'] = checks(results, config)
+  if not primary:
+    return results
 
   with open(os.path.join(config.workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1, default=float)

@@ -150,6 +150,45 @@ def list_metrics(
   return {k: float(v) for k, v in result.values.items()}
 
 
+def choose_alpha(
+  lists: UserLists,
+  targets: np.ndarray,
+  *,
+  grid: Sequence[float],
+  metric: str = 'ndcg@10',
+  llm_score: str = 'rank',
+  normalisation: str = 'sigmoid',
+) -> tuple[float, dict[float, float]]:
+  """The fusion weight of `grid` with the best `metric` on these lists.
+
+  Meant for validation users: the test split never chooses a setting. Ties
+  go to the smaller alpha (the SRM sees the fresher history).
+
+  Returns:
+    (best alpha, {alpha: metric value} for every alpha of the grid).
+
+  Raises:
+    ValueError: if the grid is empty or holds a value outside [0, 1].
+  """
+  grid = sorted(float(a) for a in grid)
+  if not grid or grid[0] < 0.0 or grid[-1] > 1.0:
+    raise ValueError(f'alpha grid must be non-empty in [0, 1], got {grid}')
+  k = int(metric.split('@')[1])
+  curve = {
+    alpha: list_metrics(
+      lists,
+      targets,
+      alpha=alpha,
+      llm_score=llm_score,
+      normalisation=normalisation,
+      ks=(k,),
+    )[metric]
+    for alpha in grid
+  }
+  best = max(grid, key=lambda a: (curve[a], -a))
+  return best, curve
+
+
 @dataclasses.dataclass(frozen=True)
 class Traffic:
   """What requests cost.

@@ -84,6 +84,19 @@ class DIN(nn.Module):
     mapped, _ = srm.check_item_ids(item_ids, self.num_items)
     return self.item_embedding(mapped)
 
+  def _history_vectors(self, history: jax.Array, train: bool):
+    """History embeddings plus recency, and where the real items are.
+
+    Returns:
+      (h `[batch, seq_len, dim]`, real `[batch, seq_len]` booleans).
+    """
+    srm.check_history_shape(history, self.max_len, 'DIN')
+    real = srm.padding_mask(history)
+    seq_len = history.shape[1]
+    recency = jnp.arange(seq_len - 1, -1, -1)
+    h = self.item_vectors(history) + self.recency_embedding(recency)[None]
+    return self.dropout(h, deterministic=not train), real
+
   def encode_history(self, history: jax.Array, train: bool = False):
     """Attention keys and MLP inputs of a history, computed once.
 
@@ -95,13 +108,28 @@ class DIN(nn.Module):
       (keys `[batch, seq_len, dim]`, history part of the first MLP layer
       `[batch, seq_len, hidden]`, real `[batch, seq_len]` booleans).
     """
-    srm.check_history_shape(history, self.max_len, 'DIN')
-    real = srm.padding_mask(history)
-    seq_len = history.shape[1]
-    recency = jnp.arange(seq_len - 1, -1, -1)
-    h = self.item_vectors(history) + self.recency_embedding(recency)[None]
-    h = self.dropout(h, deterministic=not train)
+    h, real = self._history_vectors(history, train)
     return self.key(h), self.history_in(h), real
+
+  def _attention_weights(self, logits: jax.Array, real: jax.Array):
+    """Softmax over the real keys of `[batch, C, seq_len]` query-key dots.
+
+    An all-padding row gets all-zero weights (it pools to zero).
+    """
+    logits = logits / jnp.sqrt(jnp.float32(self.embed_dim))
+    key_real = real[:, None, :]
+    logits = jnp.where(key_real, logits, -1e30)
+    weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    weights = jnp.where(key_real, weights, 0.0)
+    total = weights.sum(axis=-1, keepdims=True)
+    return weights / jnp.where(total > 0, total, 1.0)
+
+  def _mlp(self, x: jax.Array, train: bool) -> jax.Array:
+    """The scoring MLP after its first (linear) layer: `[..., C]` logits."""
+    x = self.dropout(nn.relu(x), deterministic=not train)
+    for layer in self.hidden:
+      x = self.dropout(nn.relu(layer(x)), deterministic=not train)
+    return self.output(x)[..., 0]
 
   def _score(self, encoded, candidate_vectors: jax.Array, train: bool):
     """Scores candidate embeddings against an encoded history.
@@ -123,21 +151,56 @@ class DIN(nn.Module):
       candidate_part = candidate_part[None]
     else:
       logits = jnp.einsum('bcd,bld->bcl', queries, keys)
-    logits = logits / jnp.sqrt(jnp.float32(self.embed_dim))
-
-    # Masked softmax over real keys; an all-padding row pools to zero.
-    key_real = real[:, None, :]
-    logits = jnp.where(key_real, logits, -1e30)
-    weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-    weights = jnp.where(key_real, weights, 0.0)
-    total = weights.sum(axis=-1, keepdims=True)
-    weights = weights / jnp.where(total > 0, total, 1.0)
-
+    weights = self._attention_weights(logits, real)
     x = candidate_part + jnp.einsum('bcl,blh->bch', weights, history_part)
-    x = self.dropout(nn.relu(x), deterministic=not train)
-    for layer in self.hidden:
-      x = self.dropout(nn.relu(layer(x)), deterministic=not train)
-    return self.output(x)[..., 0]
+    return self._mlp(x, train)
+
+  @nn.nowrap
+  def is_head_parameter(self, path: tuple[str, ...]) -> bool:
+    """True for the output head: the scoring MLP after target attention.
+
+    Args:
+      path: a parameter's path as `flax.traverse_util.flatten_dict` gives
+        it, with or without the leading 'params' collection.
+    """
+    name = srm.module_path(path)[0]
+    return name in ('candidate_in', 'history_in', 'output') or (
+      name.startswith('hidden_')
+    )
+
+  def trunk(self, history: jax.Array, candidates: jax.Array):
+    """Target attention, everything below the scoring MLP, no dropout.
+
+    The MLP's first layer is linear, so it may pool the history embeddings
+    first and project the pooled vector (`__call__` projects, then pools;
+    the two agree up to rounding).
+
+    Args:
+      history: `[batch, seq_len]` left-padded item ids.
+      candidates: `[batch, num_candidates]` item ids.
+
+    Returns:
+      A dict: 'candidates' `[batch, num_candidates, dim]` candidate item
+      embeddings; 'pooled' `[batch, num_candidates, dim]` the history
+      embeddings pooled by each candidate's attention weights.
+    """
+    srm.check_candidates_shape(history, candidates, 'DIN')
+    h, real = self._history_vectors(history, train=False)
+    candidate_vectors = self.item_vectors(candidates)
+    logits = jnp.einsum(
+      'bcd,bld->bcl', self.query(candidate_vectors), self.key(h)
+    )
+    weights = self._attention_weights(logits, real)
+    return {
+      'candidates': candidate_vectors,
+      'pooled': jnp.einsum('bcl,bld->bcd', weights, h),
+    }
+
+  def head(self, features) -> jax.Array:
+    """The scoring MLP on `trunk` features: `[batch, num_candidates]`."""
+    x = self.candidate_in(features['candidates'])
+    x = x + self.history_in(features['pooled'])
+    return self._mlp(x, train=False)
 
   def __call__(
     self, history: jax.Array, candidates: jax.Array, train: bool = False

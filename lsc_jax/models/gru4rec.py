@@ -77,6 +77,19 @@ class GRU4Rec(srm.SequenceScoring, nn.Module):
     self.dropout = nn.Dropout(self.dropout_rate)
     self.output_projection = nn.Dense(self.embed_dim)
 
+  def _recurrent_states(self, history: jax.Array, train: bool) -> jax.Array:
+    """States of the last GRU layer after every position, `[b, L, dim]`."""
+    srm.check_history_shape(history, self.max_len, 'GRU4Rec')
+    real = srm.padding_mask(history)
+    x = self.dropout(self.item_vectors(history), deterministic=not train)
+
+    batch = history.shape[0]
+    for layer in self.layers:
+      state = jnp.zeros((batch, self.embed_dim), x.dtype)
+      _, x = layer(state, (x, real))
+      x = self.dropout(x, deterministic=not train)
+    return x
+
   def encode_positions(
     self, history: jax.Array, train: bool = False
   ) -> jax.Array:
@@ -90,13 +103,49 @@ class GRU4Rec(srm.SequenceScoring, nn.Module):
     Returns:
       `[batch, seq_len, dim]`; column t depends only on columns 0..t.
     """
-    srm.check_history_shape(history, self.max_len, 'GRU4Rec')
-    real = srm.padding_mask(history)
-    x = self.dropout(self.item_vectors(history), deterministic=not train)
+    return self.output_projection(self._recurrent_states(history, train))
 
-    batch = history.shape[0]
-    for layer in self.layers:
-      state = jnp.zeros((batch, self.embed_dim), x.dtype)
-      _, x = layer(state, (x, real))
-      x = self.dropout(x, deterministic=not train)
-    return self.output_projection(x)
+  @nn.nowrap
+  def is_head_parameter(self, path: tuple[str, ...]) -> bool:
+    """True for the output head, the output projection.
+
+    Args:
+      path: a parameter's path as `flax.traverse_util.flatten_dict` gives
+        it, with or without the leading 'params' collection.
+    """
+    return srm.module_path(path)[0] == 'output_projection'
+
+  def trunk(
+    self,
+    history: jax.Array,
+    candidates: jax.Array,
+    columns: jax.Array | None = None,
+  ):
+    """Everything below the output head, without dropout.
+
+    Args:
+      history: `[batch, seq_len]` left-padded item ids.
+      candidates: `[batch, num_candidates]` item ids, or with `columns`
+        `[batch, m, num_candidates]`.
+      columns: optional int `[batch, m]`: the features of the prefixes of
+        `history` that end at these columns (see `srm`).
+
+    Returns:
+      A dict: 'state' `[batch, dim]` (with columns `[batch, m, dim]`), the
+      last GRU layer's state after the most recent item; 'candidates'
+      `[batch, num_candidates, dim]` (`[batch, m, num_candidates, dim]`)
+      candidate item embeddings.
+    """
+    states = self._recurrent_states(history, train=False)
+    if columns is None:
+      srm.check_candidates_shape(history, candidates, 'GRU4Rec')
+      state = states[:, -1]
+    else:
+      srm.check_columns(history, candidates, columns, 'GRU4Rec')
+      state = srm.gather_columns(states, columns)
+    return {'state': state, 'candidates': self.item_vectors(candidates)}
+
+  def head(self, features) -> jax.Array:
+    """The output head on `trunk` features: `[..., num_candidates]`."""
+    user = self.output_projection(features['state'])
+    return jnp.einsum('...d,...cd->...c', user, features['candidates'])

@@ -39,14 +39,84 @@ from lsc_jax.models import srm
 
 
 class SASRecBlock(nn.Module):
-  """One pre-LN transformer block on `[batch, seq_len, dim]` states."""
+  """One pre-LN transformer block on `[batch, seq_len, dim]` states.
+
+  The attention and feed-forward sub-layers are separate methods so that
+  the feed-forward one can run alone: the last block's feed-forward is
+  part of SASRec's output head (see `SASRec.head`).
+  """
 
   embed_dim: int
   num_heads: int
   ff_dim: int
   dropout_rate: float
 
-  @nn.compact
+  def setup(self):
+    self.attention_norm = nn.LayerNorm()
+    self.attention = nn.MultiHeadDotProductAttention(
+      num_heads=self.num_heads,
+      qkv_features=self.embed_dim,
+      out_features=self.embed_dim,
+      dropout_rate=self.dropout_rate,
+    )
+    self.feed_forward_norm = nn.LayerNorm()
+    self.feed_forward_in = nn.Dense(self.ff_dim)
+    self.feed_forward_out = nn.Dense(self.embed_dim)
+    # NOTE: these are the names Flax gave the dropouts when this block was
+    # written as one `nn.compact` method; dropout masks are drawn from keys
+    # folded with the module name, so keeping them keeps training runs
+    # identical to that form.
+    self.Dropout_0 = nn.Dropout(self.dropout_rate)
+    self.Dropout_1 = nn.Dropout(self.dropout_rate)
+    self.Dropout_2 = nn.Dropout(self.dropout_rate)
+
+  def attend(
+    self,
+    x: jax.Array,
+    attention_mask: jax.Array,
+    train: bool,
+    columns: jax.Array | None = None,
+  ) -> jax.Array:
+    """The attention sub-layer with its residual, `[batch, seq_len, dim]`.
+
+    Args:
+      x: `[batch, seq_len, dim]` states, exactly zero at padding.
+      attention_mask: `[batch, 1, seq_len, seq_len]` booleans, True where
+        query i may attend to key j.
+      train: enables dropout.
+      columns: optional int `[batch, m]`: compute these query columns only
+        (every column is still a key); returns `[batch, m, dim]`.
+    """
+    deterministic = not train
+    h = self.attention_norm(x)
+    queries = h
+    if columns is not None:
+      x = srm.gather_columns(x, columns)
+      queries = srm.gather_columns(h, columns)
+      # Rows of the mask: `[batch, 1, m, seq_len]`.
+      attention_mask = jnp.take_along_axis(
+        attention_mask, columns[:, None, :, None], axis=2
+      )
+    h = self.attention(
+      queries, h, mask=attention_mask, deterministic=deterministic
+    )
+    return x + self.Dropout_0(h, deterministic=deterministic)
+
+  def feed_forward(self, x: jax.Array, train: bool) -> jax.Array:
+    """The position-wise feed-forward sub-layer with its residual.
+
+    Args:
+      x: `[..., dim]` states (any leading axes: it acts per position).
+      train: enables dropout.
+    """
+    deterministic = not train
+    h = self.feed_forward_norm(x)
+    h = self.feed_forward_in(h)
+    h = nn.gelu(h)
+    h = self.Dropout_1(h, deterministic=deterministic)
+    h = self.feed_forward_out(h)
+    return x + self.Dropout_2(h, deterministic=deterministic)
+
   def __call__(
     self, x: jax.Array, attention_mask: jax.Array, train: bool
   ) -> jax.Array:
@@ -61,24 +131,7 @@ class SASRecBlock(nn.Module):
     Returns:
       `[batch, seq_len, dim]` states (not yet re-zeroed at padding).
     """
-    deterministic = not train
-    h = nn.LayerNorm(name='attention_norm')(x)
-    h = nn.MultiHeadDotProductAttention(
-      num_heads=self.num_heads,
-      qkv_features=self.embed_dim,
-      out_features=self.embed_dim,
-      dropout_rate=self.dropout_rate,
-      deterministic=deterministic,
-      name='attention',
-    )(h, h, mask=attention_mask)
-    x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-
-    h = nn.LayerNorm(name='feed_forward_norm')(x)
-    h = nn.Dense(self.ff_dim, name='feed_forward_in')(h)
-    h = nn.gelu(h)
-    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    h = nn.Dense(self.embed_dim, name='feed_forward_out')(h)
-    return x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    return self.feed_forward(self.attend(x, attention_mask, train), train)
 
 
 class SASRec(srm.SequenceScoring, nn.Module):
@@ -122,19 +175,13 @@ class SASRec(srm.SequenceScoring, nn.Module):
     ]
     self.final_norm = nn.LayerNorm()
 
-  def encode_positions(
-    self, history: jax.Array, train: bool = False
-  ) -> jax.Array:
-    """User states after every position.
-
-    Args:
-      history: `[batch, seq_len]` left-padded item ids, most recent last,
-        `seq_len <= max_len`.
-      train: enables dropout (needs a 'dropout' rng).
+  def _embed(self, history: jax.Array, train: bool):
+    """Block inputs of a history, with its padding and attention masks.
 
     Returns:
-      `[batch, seq_len, dim]`; column t depends only on the items in columns
-      0..t. Padding columns hold the final LayerNorm's bias.
+      (x `[batch, seq_len, dim]` zero at padding, real_f `[batch, seq_len,
+      1]` 1.0 at real items, attention_mask `[batch, 1, seq_len,
+      seq_len]`).
     """
     srm.check_history_shape(history, self.max_len, 'SASRec')
     real = srm.padding_mask(history)
@@ -154,8 +201,90 @@ class SASRec(srm.SequenceScoring, nn.Module):
     causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
     allowed = causal[None] & real[:, None, :]
     allowed = allowed | jnp.eye(seq_len, dtype=bool)[None]
-    attention_mask = allowed[:, None]
+    return x, real_f, allowed[:, None]
 
+  def encode_positions(
+    self, history: jax.Array, train: bool = False
+  ) -> jax.Array:
+    """User states after every position.
+
+    Args:
+      history: `[batch, seq_len]` left-padded item ids, most recent last,
+        `seq_len <= max_len`.
+      train: enables dropout (needs a 'dropout' rng).
+
+    Returns:
+      `[batch, seq_len, dim]`; column t depends only on the items in columns
+      0..t. Padding columns hold the final LayerNorm's bias.
+    """
+    x, real_f, attention_mask = self._embed(history, train)
     for block in self.blocks:
       x = block(x, attention_mask, train) * real_f
     return self.final_norm(x)
+
+  @nn.nowrap
+  def is_head_parameter(self, path: tuple[str, ...]) -> bool:
+    """True for the output head: last block's feed-forward, final norm.
+
+    Args:
+      path: a parameter's path as `flax.traverse_util.flatten_dict` gives
+        it, with or without the leading 'params' collection.
+    """
+    names = srm.module_path(path)
+    last = f'blocks_{self.num_blocks - 1}'
+    if names[0] == 'final_norm':
+      return True
+    return names[0] == last and names[1].startswith('feed_forward')
+
+  def trunk(
+    self,
+    history: jax.Array,
+    candidates: jax.Array,
+    columns: jax.Array | None = None,
+  ):
+    """Everything below the output head, without dropout.
+
+    The head is position-wise, so the last block's attention computes only
+    the queries of the columns whose states are wanted: the last one, or
+    `columns`.
+
+    Args:
+      history: `[batch, seq_len]` left-padded item ids.
+      candidates: `[batch, num_candidates]` item ids, or with `columns`
+        `[batch, m, num_candidates]`.
+      columns: optional int `[batch, m]`: the features of the prefixes of
+        `history` that end at these columns (see `srm`).
+
+    Returns:
+      A dict: 'state' `[batch, dim]` (with columns `[batch, m, dim]`), the
+      last column after the last block's attention sub-layer; 'real'
+      `[batch, 1]` (`[batch, m, 1]`), 1.0 where that column is a real item;
+      'candidates' `[batch, num_candidates, dim]` (`[batch, m,
+      num_candidates, dim]`) candidate item embeddings.
+    """
+    picked = columns
+    if columns is None:
+      srm.check_candidates_shape(history, candidates, 'SASRec')
+      picked = jnp.full((history.shape[0], 1), history.shape[1] - 1)
+    else:
+      srm.check_columns(history, candidates, columns, 'SASRec')
+    x, real_f, attention_mask = self._embed(history, train=False)
+    for block in self.blocks[:-1]:
+      x = block(x, attention_mask, False) * real_f
+    if self.blocks:
+      x = self.blocks[-1].attend(x, attention_mask, False, columns=picked)
+    else:
+      x = srm.gather_columns(x, picked)
+    features = {'state': x, 'real': srm.gather_columns(real_f, picked)}
+    if columns is None:
+      features = {k: v[:, 0] for k, v in features.items()}
+    features['candidates'] = self.item_vectors(candidates)
+    return features
+
+  def head(self, features) -> jax.Array:
+    """The output head on `trunk` features: `[..., num_candidates]`."""
+    x = features['state']
+    if self.blocks:
+      x = self.blocks[-1].feed_forward(x, False)
+    user = self.final_norm(x * features['real'])
+    return jnp.einsum('...d,...cd->...c', user, features['candidates'])

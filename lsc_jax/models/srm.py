@@ -16,6 +16,27 @@ so the caller-facing paths (training and evaluation) can count and log them.
 The sequence models (SASRec, GRU4Rec) share `SequenceScoring`: they encode a
 history once into a user state `[batch, dim]` and score any number of
 candidates by a dot product with the candidates' item embeddings.
+
+Every SRM also splits into a trunk and an output head, for per-device
+adaptation (`lsc_jax.collab.adapt`), which fine-tunes the head only:
+
+- `trunk(history, candidates) -> features` computes everything below the
+  head (no dropout) and reads no head parameter,
+- `head(features) -> [batch, num_candidates]` logits reads the head's
+  parameters (and no item table: candidate embeddings are in `features`;
+  every leaf of `features` has the batch axis first),
+- `is_head_parameter(path)` names the head's parameters,
+
+and `head(trunk(history, candidates))` equals the model's evaluation-mode
+`__call__(history, candidates)` up to floating-point rounding.
+
+The causal models (`SequenceScoring`: SASRec, GRU4Rec) also take
+`trunk(history, candidates, columns)`: the features of the prefixes of each
+history that end at the given columns, from one pass over the history. The
+state at column t equals the state of the prefix history ending at t
+whenever both keep the same oldest item (no truncation in between), so a
+device whose recent windows are prefixes of its evaluation history encodes
+that history once.
 """
 
 from __future__ import annotations
@@ -103,6 +124,17 @@ def check_candidates_shape(history, candidates, model: str) -> None:
     )
 
 
+def module_path(path: tuple[str, ...]) -> tuple[str, ...]:
+  """A parameter path without its leading 'params' collection, if any.
+
+  `flax.traverse_util.flatten_dict` of `model.init(...)` output gives paths
+  like ('params', 'final_norm', 'scale'); of `params['params']`, paths
+  like ('final_norm', 'scale'). Both map to the second form.
+  """
+  path = tuple(path)
+  return path[1:] if path and path[0] == 'params' else path
+
+
 def mask_padding_column(scores: jax.Array) -> jax.Array:
   """Sets column 0 (the padding id) of `[..., num_items + 1]` to -inf."""
   return scores.at[..., PADDING_ID].set(-jnp.inf)
@@ -111,6 +143,33 @@ def mask_padding_column(scores: jax.Array) -> jax.Array:
 def padding_mask(history: jax.Array) -> jax.Array:
   """Returns `[batch, seq_len]` booleans, True where a real item is."""
   return history != PADDING_ID
+
+
+def check_columns(history, candidates, columns, model: str) -> None:
+  """Raises a ValueError unless `columns` `[batch, m]` and `candidates`
+  `[batch, m, num_candidates]` fit `history` `[batch, seq_len]`."""
+  if columns.ndim != 2 or columns.shape[0] != history.shape[0]:
+    raise ValueError(
+      f'{model}: columns must be [batch, m] with the batch of history '
+      f'{history.shape}, got shape {columns.shape}'
+    )
+  if candidates.ndim != 3 or candidates.shape[:2] != columns.shape:
+    raise ValueError(
+      f'{model}: with columns {columns.shape}, candidates must be '
+      f'[batch, m, num_candidates], got shape {candidates.shape}'
+    )
+
+
+def gather_columns(x: jax.Array, columns: jax.Array) -> jax.Array:
+  """`x[b, columns[b, j]]`: `[batch, seq_len, ...]` -> `[batch, m, ...]`.
+
+  Column values are traced, so they cannot be checked here: a column
+  outside [0, seq_len) gives NaN (floating `x`), never another column's
+  value (negative columns do not wrap around).
+  """
+  columns = jnp.where(columns < 0, x.shape[1], columns)
+  index = columns.reshape(columns.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1, mode='fill')
 
 
 class SequenceScoring:

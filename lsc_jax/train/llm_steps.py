@@ -22,6 +22,10 @@ Evaluation (`evaluate_llm`): beam search of K candidates per window from
 the history the split gives the cloud (the stale one at test, gap g);
 HR/NDCG@k over the beam order, a target outside the K is a miss, and
 recall@K = HR@K.
+
+Scale-out: `train_llm(..., mesh=...)` trains data-parallel with the
+prompts of each batch split over the mesh (`lsc_jax.sharding`), and
+`evaluate_llm(sharding.mesh_llm(llm, mesh), ...)` splits the generation.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import transformers
+from jax.experimental import multihost_utils
 
 from lsc_jax import metrics as metrics_lib
 from lsc_jax import prompts as prompts_lib
+from lsc_jax import sharding
 from lsc_jax.models import item_ids as item_ids_lib
 from lsc_jax.models import llm as llm_lib
 from lsc_jax.models import t5
@@ -93,7 +99,11 @@ class LLMTrainConfig:
 
 # Training presets, keyed like the model size presets of `t5.T5_PRESETS`.
 LLM_TRAIN_PRESETS: dict[str, LLMTrainConfig] = {
-  'smoke': LLMTrainConfig(epochs=2, batch_size=16, learning_rate=3e-3),
+  # Short prompts (newest 5 items) keep smoke runs to one or two compiled
+  # prompt widths.
+  'smoke': LLMTrainConfig(
+    epochs=2, batch_size=16, learning_rate=3e-3, max_history=5
+  ),
   # About 80 s per epoch of Beauty's 71k LLM windows on two free CPU cores.
   # 3e-3 was too high for T5's small query initialisation at d 128: the
   # model never learned even to copy the last history item.
@@ -209,6 +219,27 @@ def make_train_step(model: t5.T5) -> Callable:
     return state, {'loss': loss, 'token_accuracy': accuracy}
 
   return step
+
+
+def example_batch(
+  llm: llm_lib.LLMScorer, config: LLMTrainConfig
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """The widest training batch `PromptBatches` can yield, as shapes.
+
+  Prompts are padded to at most `llm.prompts.max_prompt_tokens` tokens and
+  targets to the longest identifier; for compile-only checks and sharding
+  set-up.
+  """
+  rows, prompt = config.batch_size, llm.prompts.max_prompt_tokens
+  target = llm.item_ids.max_len
+  shape = jax.ShapeDtypeStruct
+  return {
+    'input_ids': shape((rows, prompt), jnp.int32),
+    'attention_mask': shape((rows, prompt), jnp.bool_),
+    'targets': shape((rows, target), jnp.int32),
+    'target_mask': shape((rows, target), jnp.bool_),
+    'mask': shape((rows,), jnp.bool_),
+  }
 
 
 def _targets(sequences, users, positions) -> np.ndarray:
@@ -357,7 +388,8 @@ class LLMRun:
   """What `train_llm` returns.
 
   Attributes:
-    llm: the trained scorer (final parameters).
+    llm: the trained scorer (final parameters; numpy copies on every
+      process when training ran on a mesh).
     loop: the shared loop's result (history, resume info).
     config: the training settings used.
     preset: the model size preset.
@@ -393,13 +425,26 @@ def build_untrained_llm(
 
   log = log or _LOG.info
   config = config or train_config(preset)
-  tokenizer = prompts_lib.load_or_train_tokenizer(
-    num_users=num_users,
-    num_items=num_items,
-    workdir=workdir,
-    pretrained=pretrained,
-    vocab_size=config.tokenizer_vocab,
-  )
+
+  def tokenizer_of(workdir):
+    return prompts_lib.load_or_train_tokenizer(
+      num_users=num_users,
+      num_items=num_items,
+      workdir=workdir,
+      pretrained=pretrained,
+      vocab_size=config.tokenizer_vocab,
+    )
+
+  if jax.process_count() > 1 and workdir and not pretrained:
+    # Several processes, one workdir: process 0 trains and saves the
+    # tokenizer (or finds it), the others then load that very file.
+    if jax.process_index() == 0:
+      tokenizer = tokenizer_of(workdir)
+    multihost_utils.sync_global_devices(f'lsc_jax tokenizer in {workdir}')
+    if jax.process_index() != 0:
+      tokenizer = tokenizer_of(workdir)
+  else:
+    tokenizer = tokenizer_of(workdir)
   identifiers = item_ids_lib.make_item_ids(id_scheme, num_items, tokenizer)
   key = jax.random.key(seed)
   if pretrained:
@@ -440,11 +485,19 @@ def train_llm(
   config: LLMTrainConfig | None = None,
   pretrained: str | None = None,
   max_windows: int | None = None,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> LLMRun:
   """Trains the LLM on `split.llm_train` with the shared loop.
 
   Resumes from `<workdir>/checkpoints` (a finished run is restored, not
   retrained). The tokenizer lives in `<workdir>/tokenizer`.
+
+  With a `mesh` of more than one device the step is data-parallel
+  (`lsc_jax.sharding.shard_train_step`): each batch's prompts are split
+  over the devices and the parameters and optimizer state replicated. The
+  loss is the same mean over the batch's real rows, so the run matches the
+  single-device one up to the order of floating-point sums. Every process
+  of a multi-host run calls it with the same arguments.
 
   Args:
     sequences: per-user item sequences (items 1..num_items).
@@ -455,11 +508,25 @@ def train_llm(
     config: full training settings (overrides `preset`'s).
     pretrained: a local Hugging Face T5 directory to start from.
     max_windows: train on the first N windows only (quick runs, tests).
+    mesh: train data-parallel over this mesh (None, or a one-device mesh
+      in a one-process run: on one device).
+
+  Raises:
+    ValueError: with a mesh, a batch size that is not a multiple of the
+      mesh's device count (before anything is built).
   """
   log = log or _LOG.info
   config = config or train_config(preset)
   if epochs is not None:
     config = dataclasses.replace(config, epochs=epochs)
+  mesh = sharding.training_mesh(mesh)
+  if mesh is not None and config.batch_size % mesh.size:
+    raise ValueError(
+      f'train_llm: batch_size {config.batch_size} does not split over the '
+      f'{mesh.size} devices of the mesh {dict(mesh.shape)}; every training '
+      f'batch has exactly batch_size prompts, so use a multiple of '
+      f'{mesh.size} (e.g. {mesh.size * -(-config.batch_size // mesh.size)})'
+    )
   llm = build_untrained_llm(
     num_users=num_users,
     num_items=num_items,
@@ -488,9 +555,25 @@ def train_llm(
   state = state_lib.create_train_state(
     llm.model.apply, llm.params, make_optimizer(config, total_steps), seed
   )
-  step = loop_lib.CompiledStep(
-    make_train_step(llm.model), 'llm_train_step', log=log
-  )
+  if mesh is None:
+    step = loop_lib.CompiledStep(
+      make_train_step(llm.model), 'llm_train_step', log=log
+    )
+  else:
+    step = sharding.shard_train_step(
+      make_train_step(llm.model),
+      mesh,
+      state,
+      example_batch(llm, config),
+      name='llm_train_step',
+      log=log,
+    )
+    state = step.place_state(state)
+    log(
+      f'llm: data-parallel over mesh {dict(mesh.shape)} '
+      f'({jax.process_count()} processes), '
+      f'{config.batch_size // mesh.size} prompts per device per step'
+    )
   log(
     f'llm: training on {len(users):,} windows, {data.num_batches:,} '
     f'batches of {config.batch_size} per epoch, {config.epochs} epochs'
@@ -517,6 +600,9 @@ def train_llm(
     log=log,
   )
   llm.params = result.best_params
+  if mesh is not None:
+    # Host copies: generation and the next stages run on any device.
+    llm.params = sharding.to_host(result.best_params)
   return LLMRun(llm=llm, loop=result, config=config, preset=preset)
 
 

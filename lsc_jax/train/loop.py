@@ -20,6 +20,12 @@ parameters so far. On start it resumes from the newest readable checkpoint in
 step keys of (seed, step), a resumed run ends with exactly the parameters of
 an uninterrupted one. A non-finite loss stops the run with
 `NonFiniteLossError` naming the first bad step.
+
+The loop runs unchanged on a mesh: pass a state placed on it and a sharded
+step (`lsc_jax.sharding.ShardedStep`). In a multi-host run every process
+runs the loop; checkpoints are written together (`lsc_jax.checkpoint`),
+a restored state keeps the layout of the state passed in, and only
+process 0 appends to `metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -422,7 +428,7 @@ def train_loop(
         },
         keep=config.keep_checkpoints,
       )
-    if metrics_path:
+    if metrics_path and jax.process_index() == 0:
       append_jsonl(metrics_path, record)
 
     valid_text = ' '.join(

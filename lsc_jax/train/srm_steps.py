@@ -24,7 +24,10 @@ of the loss and counted.
 paper's standalone SRM protocol) and reports the tie-safe HR, NDCG, MRR
 and precision of `lsc_jax.metrics.full_ranking_metrics`;
 `train_srm` ties model, batches, loop, early stopping and test evaluation
-together for `experiments/train_srm.py` and the benchmarks.
+together for `experiments/train_srm.py` and the benchmarks. Given a
+`jax.sharding.Mesh` it trains data-parallel (`lsc_jax.sharding`): every
+batch is split over the mesh's devices, the state is replicated (or its
+item table split by shard rules), and evaluation batches are split too.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import numpy as np
 
 from lsc_jax import data as data_lib
 from lsc_jax import metrics as metrics_lib
+from lsc_jax import sharding
 from lsc_jax.models import registry, srm
 from lsc_jax.train import loop, losses
 from lsc_jax.train import state as state_lib
@@ -383,6 +387,43 @@ def make_train_step(
   return step
 
 
+def example_batch(config: registry.SRMConfig) -> dict[str, Any]:
+  """The widest training batch of `config`, as `jax.ShapeDtypeStruct`s.
+
+  The shapes and dtypes `make_train_step` receives from `train_srm`'s
+  batches at the largest bucket (`max_len` columns), for compile-only
+  checks (`lsc_jax.sharding.compile_report`) and sharding set-up.
+  """
+  batch_size, width = config.batch_size, config.max_len
+  i32, f32 = jnp.int32, jnp.float32
+  negatives = 0 if config.loss == 'full_ce' else config.num_negatives
+  shape = jax.ShapeDtypeStruct
+  if config.objective == 'next_item':
+    batch = {
+      'history': shape((batch_size, width), i32),
+      'targets': shape((batch_size, width), i32),
+      'mask': shape((batch_size, width), f32),
+      'user': shape((batch_size,), i32),
+    }
+    if negatives:
+      batch['negatives'] = shape(
+        (negatives,)
+        if config.shared_negatives
+        else (batch_size, width, negatives),
+        i32,
+      )
+    return batch
+  batch = {
+    'history': shape((batch_size, width), i32),
+    'target': shape((batch_size,), i32),
+    'mask': shape((batch_size,), f32),
+    'user': shape((batch_size,), i32),
+  }
+  if negatives:
+    batch['negatives'] = shape((batch_size, negatives), i32)
+  return batch
+
+
 def init_params(model, max_len: int, seed: int):
   """Initial parameters of an SRM from `jax.random.key(seed)`."""
   history = jnp.ones((1, max_len), jnp.int32)
@@ -403,6 +444,11 @@ class FullRankingEvaluator:
   model's input history (its last max_len items; never the target itself)
   are removed from the ranking, a common variant of the protocol; by
   default every item ranks.
+
+  With a `mesh`, each batch is split over its devices (placed once, here):
+  a batch whose rows do not split evenly gets filler rows (the first row
+  repeated with mask 0, counted in `filler_rows`), which the metrics
+  ignore. Parameters not yet on the mesh are replicated on each call.
   """
 
   def __init__(
@@ -420,6 +466,7 @@ class FullRankingEvaluator:
     name: str = 'eval',
     log: Callable[[str], None] | None = None,
     share_compiled: FullRankingEvaluator | None = None,
+    mesh: jax.sharding.Mesh | None = None,
   ):
     """Batches the windows' histories.
 
@@ -438,12 +485,16 @@ class FullRankingEvaluator:
       log: receives log lines (default `logging.info`).
       share_compiled: another evaluator of the same model, `ks` and
         `exclude_history` whose compiled scoring steps are reused.
+      mesh: split every batch over this mesh (None: one device).
     """
     self.ks = tuple(ks)
     self.num_windows = len(windows)
     self.name = name
     self._log = log or _LOG.info
     self._batches = []
+    self._inputs = []
+    self.mesh = mesh
+    self.filler_rows = 0
     self.oov = OOVCount()
     for batch in data_lib.iterate_batches(
       sequences,
@@ -458,7 +509,15 @@ class FullRankingEvaluator:
       batch = {k: batch[k] for k in ('history', 'target', 'mask')}
       batch, count = check_batch_ids(batch, num_items)
       self.oov.add(count)
+      inputs = (batch['history'], batch['target'])
+      if mesh is not None:
+        batch, filler = sharding.pad_rows(batch, mesh.size)
+        self.filler_rows += filler
+        inputs = sharding.shard_global_batch(
+          (batch['history'], batch['target']), mesh
+        )
       self._batches.append(batch)
+      self._inputs.append(inputs)
     if self.oov.ids:
       self._log(
         f'{name}: {self.oov.ids} out-of-vocabulary ids mapped to the OOV '
@@ -492,12 +551,18 @@ class FullRankingEvaluator:
     'count' (windows ranked)."""
     if not self._batches:
       return {'count': 0.0}
-    outputs = jax.device_get(
-      [
-        self._per_row_metrics(params, b['history'], b['target'])
-        for b in self._batches
+    if self.mesh is None:
+      outputs = jax.device_get(
+        [self._per_row_metrics(params, *inputs) for inputs in self._inputs]
+      )
+    else:
+      # One batch at a time (see `sharding.serial_dispatch`), gathered on
+      # every process.
+      params = sharding.on_mesh(params, self.mesh)
+      outputs = [
+        sharding.to_host(self._per_row_metrics(params, *inputs))
+        for inputs in self._inputs
       ]
-    )
     weights = np.concatenate([b['mask'] for b in self._batches])
     finite = np.concatenate([o[1] for o in outputs])
     bad = (~finite) & (weights > 0)
@@ -526,7 +591,8 @@ class SRMRun:
     name: 'sasrec', 'gru4rec' or 'din'.
     config: the `SRMConfig` used.
     model: the Flax module.
-    params: the best parameters (by validation).
+    params: the best parameters (by validation); numpy copies on every
+      process when training ran on a mesh.
     valid: validation metrics of `params` on the early-stopping windows (a
       fixed subset when `config.valid_max_windows` applies; 'count' says
       how many).
@@ -562,8 +628,19 @@ def train_srm(
   ks: Sequence[int] = (5, 10, 20),
   exclude_history: bool = False,
   log: Callable[[str], None] | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  shard_rules: Sequence[sharding.ShardRule] = (),
 ) -> SRMRun:
   """Trains SRM `name` on `train_windows`, early-stopping on validation.
+
+  With a `mesh` of more than one device the run is data-parallel: each
+  batch is split over the devices (`lsc_jax.sharding.shard_train_step`),
+  the state is replicated unless `shard_rules` split some of it (e.g.
+  `sharding.item_table_rules`), and evaluation batches are split as well.
+  The loss is still the mean over the whole batch, so the run matches the
+  single-device one up to the order of floating-point sums. Every process
+  of a multi-host run calls `train_srm` with the same arguments; each
+  places only its own devices' rows of each batch.
 
   Args:
     name: 'sasrec', 'gru4rec' or 'din'.
@@ -582,11 +659,27 @@ def train_srm(
     ks: metric cut-offs.
     exclude_history: drop history items from the full ranking.
     log: receives progress lines (default `logging.info`).
+    mesh: train data-parallel over this mesh (None, or a one-device mesh
+      in a one-process run: on one device).
+    shard_rules: with a mesh, state leaves to split instead of replicate.
 
   Returns:
     An `SRMRun`.
+
+  Raises:
+    ValueError: with a mesh, a `config.batch_size` that is not a multiple
+      of the mesh's device count (raised before anything is trained).
   """
   log = log or _LOG.info
+  mesh = sharding.training_mesh(mesh)
+  if mesh is not None and config.batch_size % mesh.size:
+    raise ValueError(
+      f'train_srm: batch_size {config.batch_size} does not split over the '
+      f'{mesh.size} devices of the mesh {dict(mesh.shape)}; every training '
+      f'batch has exactly batch_size rows, so use a multiple of {mesh.size} '
+      f'(e.g. {mesh.size * -(-config.batch_size // mesh.size)}) or a mesh '
+      'size that divides it'
+    )
   model = registry.srm_from_config(name, num_items, config)
   if params is None:
     params = init_params(model, config.max_len, seed)
@@ -686,12 +779,30 @@ def train_srm(
       name=f'{name} {label}',
       log=log,
       share_compiled=share_compiled,
+      mesh=mesh,
     )
 
   valid_eval = evaluator(valid_subset, 'valid')
-  train_step = loop.CompiledStep(
-    make_train_step(model, config, num_items), f'{name} train step', log=log
-  )
+  step_fn = make_train_step(model, config, num_items)
+  if mesh is None:
+    train_step = loop.CompiledStep(step_fn, f'{name} train step', log=log)
+  else:
+    train_step = sharding.shard_train_step(
+      step_fn,
+      mesh,
+      state,
+      example_batch(config),
+      shard_rules=shard_rules,
+      name=f'{name} train step',
+      log=log,
+    )
+    state = train_step.place_state(state)
+    log(
+      f'{name}: data-parallel over mesh {dict(mesh.shape)} '
+      f'({jax.process_count()} processes), {config.batch_size // mesh.size} '
+      'rows per device per step'
+      + (f', shard rules {list(shard_rules)}' if shard_rules else '')
+    )
   loop_config = loop.LoopConfig(
     epochs=config.epochs,
     workdir=workdir,
@@ -716,6 +827,11 @@ def train_srm(
     log=log,
   )
   train_seconds = time.perf_counter() - start
+  if valid_eval.filler_rows:
+    log(
+      f'{name}: evaluation batches padded with {valid_eval.filler_rows} '
+      f'filler rows (mask 0) to split over {mesh.size} devices'
+    )
 
   # Validation metrics of the best parameters on the early-stopping windows
   # (the subset when `valid_max_windows` applies; see 'count').
@@ -730,11 +846,15 @@ def train_srm(
     f'{config.early_stop_metric} {best_valid:.4f}'
     + (f'; test {summary}' if summary else '')
   )
+  best_params = result.best_params
+  if mesh is not None:
+    # Host copies: the callers' next stages run on any device.
+    best_params = sharding.to_host(best_params)
   return SRMRun(
     name=name,
     config=config,
     model=model,
-    params=result.best_params,
+    params=best_params,
     valid=valid,
     test=test,
     loop=result,

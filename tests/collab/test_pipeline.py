@@ -56,7 +56,7 @@ def test_ratio_zero_is_fusion_and_ratio_one_is_always_request(smoke_run):
   fusion = next(
     r
     for r in results['rows']
-    if r['name'] == f'fusion, alpha {config.alpha} ({final})'
+    if r['name'] == pipeline.fusion_row_name(results['alpha'], final)
   )
   at_one = []
   for policy in ('gate', 'gate_topk', 'random'):
@@ -103,3 +103,13 @@ def test_bad_settings_are_rejected(tmp_path):
       final_srm='adapted',
       adapt_devices=False,
     )
+
+
+def test_alpha_is_the_best_of_the_grid_on_validation(smoke_run):
+  config, results, _ = smoke_run
+  assert config.alpha is None
+  curve = {float(a): v for a, v in results['alpha_validation'].items()}
+  assert sorted(curve) == sorted(config.alpha_grid)
+  best = max(curve.values())
+  assert curve[results['alpha']] == best
+  assert results['alpha'] == min(a for a, v in curve.items() if v == best)

@@ -122,3 +122,26 @@ def test_non_finite_scores_of_real_candidates_are_rejected():
   srm = np.array([[0.1, np.nan, np.nan]], np.float32)
   with pytest.raises(ValueError, match='srm_scores: 1 non-finite'):
     simulate.UserLists(items, np.zeros((1, 3), np.float32), srm)
+
+
+def test_choose_alpha_follows_the_stronger_signal():
+  items = np.array([[5, 6, 7, 8]], np.int32)
+  srm = np.array([[0.1, 0.4, 0.3, 0.9]], np.float32)
+  lists = simulate.UserLists(items, np.zeros((1, 4), np.float32), srm)
+  grid = (0.9, 0.1, 0.5)
+  # Target 8: the SRM's first, the LLM's last: the smallest weight wins.
+  best, curve = simulate.choose_alpha(lists, np.array([8]), grid=grid)
+  assert best == 0.1
+  assert sorted(curve) == [0.1, 0.5, 0.9]
+  for alpha, value in curve.items():
+    expected = simulate.list_metrics(lists, np.array([8]), alpha=alpha)
+    assert value == expected['ndcg@10']
+  # Target 5: the LLM's first, the SRM's last: a large enough weight wins,
+  # and of the winners the smallest.
+  best, curve = simulate.choose_alpha(
+    lists, np.array([5]), grid=grid, metric='ndcg@1'
+  )
+  assert curve[0.1] == 0.0 and curve[0.9] == 1.0
+  assert best == min(a for a, v in curve.items() if v == 1.0)
+  with pytest.raises(ValueError, match='alpha grid'):
+    simulate.choose_alpha(lists, np.array([5]), grid=(0.5, 1.5))
