@@ -175,8 +175,8 @@ SRM_STAGES = ('independent', 'cooperative', 'retrained', 'adapted')
 
 # Named settings of `PipelineConfig` (fields not named keep their default).
 PRESETS: dict[str, dict[str, Any]] = {
-  # Sized for two CPU cores (one hour end to end on Beauty on a shared
-  # machine; see BUILD_NOTES.md).
+  # Sized for two CPU cores (24 minutes end to end on Beauty; see
+  # BUILD_NOTES.md).
   'cpu': dict(srm_preset='cpu', llm_preset='cpu'),
   # Tiny models on the first users: seconds per stage, for tests.
   'smoke': dict(
