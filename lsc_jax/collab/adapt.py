@@ -452,17 +452,8 @@ def make_device_fine_tune(
     scores = model.apply(params, eval_history[None], eval_items[None])[0]
     return adapted, scores, step_losses
 
-  def head_only(
-    adapted, frozen, history, candidates, mask, eval_history, eval_items
-  ):
-    # The trunk gets the frozen parameters only: should it read an adapted
-    # one, Flax raises instead of silently using the stale value.
-    frozen_tree = flax.traverse_util.unflatten_dict(frozen)
-    features = model.apply(frozen_tree, history, candidates, method='trunk')
-    eval_features = model.apply(
-      frozen_tree, eval_history[None], eval_items[None], method='trunk'
-    )
-
+  def tune_head(adapted, frozen, features, eval_features, mask):
+    # Only the head runs per step: the trunk's features are fixed.
     def loss_fn(adapted):
       params = merge_params(adapted, frozen)
       return bce(model.apply(params, features, method='head'), mask)
@@ -473,6 +464,18 @@ def make_device_fine_tune(
     params = merge_params(adapted, frozen)
     scores = model.apply(params, eval_features, method='head')[0]
     return adapted, scores, step_losses
+
+  def head_only(
+    adapted, frozen, history, candidates, mask, eval_history, eval_items
+  ):
+    # The trunk gets the frozen parameters only: should it read an adapted
+    # one, Flax raises instead of silently using the stale value.
+    frozen_tree = flax.traverse_util.unflatten_dict(frozen)
+    features = model.apply(frozen_tree, history, candidates, method='trunk')
+    eval_features = model.apply(
+      frozen_tree, eval_history[None], eval_items[None], method='trunk'
+    )
+    return tune_head(adapted, frozen, features, eval_features, mask)
 
   def one_history(
     adapted, frozen, history, candidates, mask, eval_history, eval_items
@@ -500,17 +503,7 @@ def make_device_fine_tune(
     eval_features = model.apply(
       frozen_tree, eval_history[None], eval_items[None], method='trunk'
     )
-
-    def loss_fn(adapted):
-      params = merge_params(adapted, frozen)
-      return bce(model.apply(params, features, method='head'), mask)
-
-    adapted, step_losses = _fine_tune(
-      loss_fn, adapted, optimizer, config.num_steps
-    )
-    params = merge_params(adapted, frozen)
-    scores = model.apply(params, eval_features, method='head')[0]
-    return adapted, scores, step_losses
+    return tune_head(adapted, frozen, features, eval_features, mask)
 
   def fine_tune(adapted, frozen, *device):
     # Decided while tracing, from the (static) keys of `adapted`.
