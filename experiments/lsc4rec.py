@@ -68,6 +68,12 @@ _FINAL_SRM = flags.DEFINE_enum(
   list(pipeline.SRM_STAGES),
   'SRM whose scores the fusion and gate use.',
 )
+_NORMALISATION = flags.DEFINE_enum(
+  'normalisation',
+  None,
+  ['minmax', 'sigmoid', 'softmax', 'none'],
+  'SRM score normalisation of the fusion.',
+)
 _ADAPT_SUBSET = flags.DEFINE_enum(
   'adapt_subset',
   None,
@@ -102,6 +108,7 @@ def build_config() -> pipeline.PipelineConfig:
     'gap': _GAP.value,
     'alpha': _ALPHA.value,
     'llm_score': _LLM_SCORE.value,
+    'normalisation': _NORMALISATION.value,
     'final_srm': _FINAL_SRM.value,
     'consistency': _CONSISTENCY.value,
     'max_users': _MAX_USERS.value,

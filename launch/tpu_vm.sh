@@ -8,7 +8,8 @@
 # metadata, and all chips form one mesh. Only process 0 writes results.
 # Needs jax with TPU support: pip install -U "jax[tpu]".
 #
-#   launch/tpu_vm.sh lsc4rec --preset=paper --workdir=gs://BUCKET/lsc
+#   launch/tpu_vm.sh lsc4rec --preset=paper --workdir=/mnt/shared/lsc
+#   (a path every host sees; gs:// paths are not supported)
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then

@@ -6,7 +6,8 @@ LSC4Rec ranks the LLM's candidate list by
 
 where each score is normalised per row over the valid (non-padded) slots:
 
-- `llm_score='rank'` (default, the paper's code): llm_hat = 1 - j / K, with
+- `llm_score='rank'` (the default of `fuse`, the paper's code; the pipeline
+  uses 'logprob'): llm_hat = 1 - j / K, with
   j the candidate's 1-based rank in the LLM's list and K the list length
   (the number of slots, padded ones included, like the official code's
   fixed K = 50). The rank is taken from `llm_scores` (higher = earlier;
@@ -17,7 +18,8 @@ where each score is normalised per row over the valid (non-padded) slots:
   the valid slots) or `'softmax'` (the LLM's distribution renormalised over
   the list; it sums to 1, so its values are small next to an SRM
   probability and alpha must be chosen with that in mind).
-- SRM (`normalisation`): `'sigmoid'` (default; the paper's p_j = sigmoid of
+- SRM (`normalisation`): `'sigmoid'` (the default of `fuse`; the pipeline
+  uses 'minmax'; the paper's p_j = sigmoid of
   the SRM logit, no dependence on the other candidates), `'minmax'`
   (per-row to [0, 1]), `'softmax'`, or `'none'` (already a probability).
 

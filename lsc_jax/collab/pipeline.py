@@ -198,6 +198,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     srm_preset='paper',
     llm_preset='t5-small',
     id_scheme='text',
+    alpha=0.5,
     llm_score='rank',
     normalisation='sigmoid',
   ),
@@ -945,6 +946,58 @@ def plot_curve(results: dict[str, Any], path: str, metric: str = 'ndcg@5'):
   plt.close(fig)
 
 
+# Settings that only the final simulation reads: a rerun on a finished
+# workdir may change them. Any other change would mix cached stages built
+# with other settings into the table.
+SIMULATION_FIELDS = frozenset(
+  {
+    'alpha',
+    'alpha_grid',
+    'alpha_metric',
+    'llm_score',
+    'normalisation',
+    'consistency',
+    'ratios',
+    'final_srm',
+    'workdir',
+  }
+)
+
+
+def check_workdir_config(config: PipelineConfig) -> None:
+  """Refuses a workdir whose cached stages were built with other settings.
+
+  Raises:
+    ValueError: naming the settings that differ from the workdir's
+      `config.json` (other than `SIMULATION_FIELDS`).
+  """
+  path = os.path.join(config.workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    try:
+      previous = json.load(f)
+    except json.JSONDecodeError as error:
+      raise ValueError(
+        f'{path}: unreadable ({error}); delete it or use a new workdir'
+      ) from error
+  current = json.loads(json.dumps(config.to_dict(), default=str))
+  changed = sorted(
+    key
+    for key in set(previous) | set(current)
+    if key not in SIMULATION_FIELDS and previous.get(key) != current.get(key)
+  )
+  if changed:
+    details = ', '.join(
+      f'{key}: {previous.get(key)!r} -> {current.get(key)!r}' for key in changed
+    )
+    raise ValueError(
+      f'{config.workdir} holds stages built with other settings ({details}); '
+      'use a new workdir (only the fusion, gate and ratio settings may '
+      'change on a finished one)'
+    )
+
+
 def run(
   config: PipelineConfig,
   log: Callable[[str], None] | None = None,
@@ -967,6 +1020,7 @@ def run(
   start = time.perf_counter()
   primary = jax.process_index() == 0
   stages = Stages(config.workdir, log)
+  check_workdir_config(config)
   if primary:
     with open(os.path.join(config.workdir, 'config.json'), 'w') as f:
       json.dump(config.to_dict(), f, indent=1, default=str)

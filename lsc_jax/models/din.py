@@ -7,8 +7,8 @@ computed once and the candidate side is vectorised over all candidates
 (`[batch, num_candidates, ...]`), never re-encoding the history per candidate
 as the official code does.
 
-Differences from the official LSC4Rec code (method notes, section 4.4), on
-purpose:
+Differences from the official LSC4Rec code (BUILD_NOTES.md, 'Deviations from
+the official code'), on purpose:
 
 - Left padding, most recent item last, and a learned recency embedding
   (0 = the most recent item) added to the history before attention; the

@@ -1,8 +1,8 @@
 """GRU4Rec: a recurrent encoder of a user's item history.
 
 GRU4Rec (Hidasi et al., ICLR 2016) is one of the three on-device models
-(SRMs) of LSC4Rec. Differences from the official LSC4Rec code (method notes,
-section 4.3), on purpose:
+(SRMs) of LSC4Rec. Differences from the official LSC4Rec code (BUILD_NOTES.md,
+'Deviations from the official code'), on purpose:
 
 - Left padding, most recent item last. The recurrent state starts at zero and
   is held unchanged over padding columns, so padding never changes it and the

@@ -2,7 +2,7 @@
 
 SASRec (Kang and McAuley, ICDM 2018) is one of the three on-device models
 (SRMs) of LSC4Rec. This port differs from the official LSC4Rec code on
-purpose (see the method notes, section 4.2):
+purpose (see BUILD_NOTES.md, 'Deviations from the official code'):
 
 - Causal + padding attention mask. A position attends to itself and the real
   items before it, never to padding or to later items. The official code uses

@@ -113,3 +113,20 @@ def test_alpha_is_the_best_of_the_grid_on_validation(smoke_run):
   best = max(curve.values())
   assert curve[results['alpha']] == best
   assert results['alpha'] == min(a for a, v in curve.items() if v == best)
+
+
+def test_a_finished_workdir_refuses_other_stage_settings(smoke_run):
+  config, _, _ = smoke_run
+  # Fusion and gate settings may change on a finished workdir ...
+  pipeline.check_workdir_config(
+    dataclasses.replace(config, alpha=0.3, consistency='footrule')
+  )
+  # ... settings that cached stages were built with may not.
+  with pytest.raises(ValueError, match=r'seed: 0 -> 7.*new workdir'):
+    pipeline.check_workdir_config(dataclasses.replace(config, seed=7))
+  with pytest.raises(ValueError, match='adapt'):
+    pipeline.check_workdir_config(
+      dataclasses.replace(
+        config, adapt=dataclasses.replace(config.adapt, num_steps=9)
+      )
+    )

@@ -65,7 +65,7 @@ def test_short_users_get_no_window_instead_of_an_error():
 
 
 def _reference_positional(n, gap, w, h):
-  """1-based ranges from the method notes, returned as 0-based positions."""
+  """1-based ranges of the positional split, returned as 0-based positions."""
   del gap
   test = [n] if n >= 2 else []
   valid = [n - 1] if n >= 3 else []
