@@ -36,6 +36,7 @@ def main(argv):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ from typing import Any
 import jax
 from absl import flags
 
-from lsc_jax import sharding
+from lsc_jax import data, sharding
 from lsc_jax.models import registry
 from lsc_jax.train import srm_steps
 from lsc_jax.train import state as state_lib
@@ -81,6 +82,58 @@ _COMPILE_ONLY = flags.DEFINE_bool(
   False,
   'Compile the train steps for the mesh, print memory and FLOPs, and exit.',
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFlags:
+  """The data flags of a single-model binary (`train_srm`, `train_llm`)."""
+
+  dataset: flags.FlagHolder
+  reindex: flags.FlagHolder
+  seed: flags.FlagHolder
+  workdir: flags.FlagHolder
+  gap: flags.FlagHolder
+  max_users: flags.FlagHolder
+
+  def load(self):
+    """The dataset (its first --max_users users) and its positional split."""
+    dataset = data.load(
+      self.dataset.value,
+      reindex=self.reindex.value,
+      seed=self.seed.value,
+      log_fn=logging.info,
+    )
+    if self.max_users.value is not None:
+      dataset = dataset.from_sequences(
+        dataset.sequences[: self.max_users.value],
+        num_items=dataset.num_items,
+        name=dataset.name,
+      )
+    split = data.positional_split(dataset, gap=self.gap.value)
+    logging.info('%s\n%s', dataset.summary(), split.summary_text())
+    return dataset, split
+
+
+def define_data_flags(workdir_help: str) -> DataFlags:
+  """Defines --dataset, --reindex, --seed, --workdir, --gap, --max_users."""
+  return DataFlags(
+    dataset=flags.DEFINE_string(
+      'dataset',
+      'beauty',
+      "Built-in name ('beauty', 'ml-latest-small') or path.",
+    ),
+    reindex=flags.DEFINE_enum(
+      'reindex', 'random', ['random', 'keep'], 'Item id mapping.'
+    ),
+    seed=flags.DEFINE_integer('seed', 0, 'Seed of data order, init, dropout.'),
+    workdir=flags.DEFINE_string('workdir', None, workdir_help),
+    gap=flags.DEFINE_integer(
+      'gap', 2, 'Staleness gap g of the split (and of the test history).'
+    ),
+    max_users=flags.DEFINE_integer(
+      'max_users', None, 'Keep only the first N users (quick runs).'
+    ),
+  )
 
 
 def init_distributed() -> None:

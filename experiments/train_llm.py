@@ -33,28 +33,17 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from lsc_jax import data, sharding
+from lsc_jax import sharding
 from lsc_jax.train import llm_steps
 
-_DATASET = flags.DEFINE_string(
-  'dataset', 'beauty', "Built-in name ('beauty', 'ml-latest-small') or path."
+_DATA = common.define_data_flags(
+  'Checkpoints, tokenizer, metrics.jsonl, results.json.'
 )
 _SIZE = flags.DEFINE_enum(
   'size', 'cpu', sorted(llm_steps.LLM_TRAIN_PRESETS), 'LLM size preset.'
 )
 _ID_SCHEME = flags.DEFINE_enum(
   'id_scheme', 'atomic', ['atomic', 'text'], 'Item identifiers.'
-)
-_REINDEX = flags.DEFINE_enum(
-  'reindex', 'random', ['random', 'keep'], 'Item id mapping.'
-)
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of data order, init, dropout.')
-_WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'Checkpoints, tokenizer, metrics.jsonl, results.json.'
-)
-_GAP = flags.DEFINE_integer('gap', 2, 'Staleness gap g of the test history.')
-_MAX_USERS = flags.DEFINE_integer(
-  'max_users', None, 'Keep only the first N users (quick runs).'
 )
 _PRETRAINED = flags.DEFINE_string(
   'pretrained', None, 'Local Hugging Face T5 directory to start from.'
@@ -91,20 +80,7 @@ def main(argv):
     learning_rate=_LR.value,
     max_history=_MAX_HISTORY.value,
   )
-  dataset = data.load(
-    _DATASET.value,
-    reindex=_REINDEX.value,
-    seed=_SEED.value,
-    log_fn=logging.info,
-  )
-  if _MAX_USERS.value is not None:
-    dataset = dataset.from_sequences(
-      dataset.sequences[: _MAX_USERS.value],
-      num_items=dataset.num_items,
-      name=dataset.name,
-    )
-  split = data.positional_split(dataset, gap=_GAP.value)
-  logging.info('%s\n%s', dataset.summary(), split.summary_text())
+  dataset, split = _DATA.load()
   logging.info('config: %s', config)
   if common.compile_only_requested():
     llm = llm_steps.build_untrained_llm(
@@ -112,13 +88,13 @@ def main(argv):
       num_items=dataset.num_items,
       preset=_SIZE.value,
       id_scheme=_ID_SCHEME.value,
-      seed=_SEED.value,
+      seed=_DATA.seed.value,
       pretrained=_PRETRAINED.value,
       config=config,
       log=logging.info,
     )
     common.compile_only_llm(
-      llm, config, _SEED.value, mesh, name=f'{_SIZE.value} LLM train step'
+      llm, config, _DATA.seed.value, mesh, name=f'{_SIZE.value} LLM train step'
     )
     return
 
@@ -129,8 +105,8 @@ def main(argv):
     split=split,
     preset=_SIZE.value,
     id_scheme=_ID_SCHEME.value,
-    seed=_SEED.value,
-    workdir=_WORKDIR.value,
+    seed=_DATA.seed.value,
+    workdir=_DATA.workdir.value,
     config=config,
     pretrained=_PRETRAINED.value,
     log=logging.info,
@@ -151,7 +127,7 @@ def main(argv):
     dataset.sequences,
     split.test.users,
     split.test.positions,
-    gap=_GAP.value,
+    gap=_DATA.gap.value,
     num_candidates=_NUM_CANDIDATES.value,
     beam_size=_BEAM_SIZE.value,
     batch_size=eval_batch,
@@ -165,8 +141,9 @@ def main(argv):
   keys = ['hr@5', 'ndcg@5', 'hr@10', 'ndcg@10', recall]
   print(
     f'LLM ({_SIZE.value}, {_ID_SCHEME.value} ids) on {dataset.name} '
-    f'({_REINDEX.value} ids): {len(split.test):,} test users, stale history '
-    f'(gap {_GAP.value}), beam {_BEAM_SIZE.value}, K {_NUM_CANDIDATES.value}'
+    f'({_DATA.reindex.value} ids): {len(split.test):,} test users, '
+    f'stale history (gap {_DATA.gap.value}), beam {_BEAM_SIZE.value}, '
+    f'K {_NUM_CANDIDATES.value}'
   )
   print('  ' + '  '.join(f'{k:>9}' for k in keys))
   print('  ' + '  '.join(f'{test[k]:9.4f}' for k in keys))
@@ -174,14 +151,14 @@ def main(argv):
     f'  train {train_seconds:.0f} s, generation {eval_seconds:.0f} s '
     f'({len(split.test) / max(eval_seconds, 1e-9):,.0f} users/s)'
   )
-  if _WORKDIR.value:
+  if _DATA.workdir.value:
     results = {
       'dataset': dataset.name,
       'size': _SIZE.value,
       'id_scheme': _ID_SCHEME.value,
-      'reindex': _REINDEX.value,
-      'seed': _SEED.value,
-      'gap': _GAP.value,
+      'reindex': _DATA.reindex.value,
+      'seed': _DATA.seed.value,
+      'gap': _DATA.gap.value,
       'num_candidates': _NUM_CANDIDATES.value,
       'beam_size': _BEAM_SIZE.value,
       'train': dataclasses.asdict(config),
@@ -195,9 +172,11 @@ def main(argv):
       'mesh': dict(mesh.shape),
       'processes': jax.process_count(),
     }
-    common.write_json(os.path.join(_WORKDIR.value, 'results.json'), results)
+    common.write_json(
+      os.path.join(_DATA.workdir.value, 'results.json'), results
+    )
     if _EXPORT_HF.value:
-      llm_steps.save_hf(run.llm, os.path.join(_WORKDIR.value, 'hf'))
+      llm_steps.save_hf(run.llm, os.path.join(_DATA.workdir.value, 'hf'))
 
 
 if __name__ == '__main__':

@@ -26,23 +26,12 @@ import jax
 from absl import app, flags
 
 from experiments import common
-from lsc_jax import data
 from lsc_jax.models import PRESETS, SRM_NAMES, get_srm_config
 from lsc_jax.train import srm_steps
 
-_DATASET = flags.DEFINE_string(
-  'dataset', 'beauty', "Built-in name ('beauty', 'ml-latest-small') or path."
-)
+_DATA = common.define_data_flags('Checkpoints, metrics.jsonl and results.json.')
 _MODEL = flags.DEFINE_enum('model', 'sasrec', SRM_NAMES, 'Which SRM.')
 _PRESET = flags.DEFINE_enum('preset', 'cpu', PRESETS, 'Size preset.')
-_REINDEX = flags.DEFINE_enum(
-  'reindex', 'random', ['random', 'keep'], 'Item id mapping.'
-)
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of data order, init, dropout.')
-_WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'Checkpoints, metrics.jsonl and results.json.'
-)
-_GAP = flags.DEFINE_integer('gap', 2, 'Staleness gap g of the split.')
 _EXCLUDE_HISTORY = flags.DEFINE_bool(
   'exclude_history', False, 'Drop history items from the test ranking.'
 )
@@ -87,17 +76,10 @@ def main(argv):
     if flag.value is not None
   }
   config = get_srm_config(_MODEL.value, _PRESET.value, **overrides)
-  dataset = data.load(
-    _DATASET.value,
-    reindex=_REINDEX.value,
-    seed=_SEED.value,
-    log_fn=logging.info,
-  )
-  split = data.positional_split(dataset, gap=_GAP.value)
-  logging.info('%s\n%s', dataset.summary(), split.summary_text())
+  dataset, split = _DATA.load()
   logging.info('config: %s', config)
   if common.compile_only_srm(
-    _MODEL.value, config, dataset.num_items, _SEED.value, mesh
+    _MODEL.value, config, dataset.num_items, _DATA.seed.value, mesh
   ):
     return
 
@@ -109,8 +91,8 @@ def main(argv):
     valid_windows=split.valid,
     test_windows=split.test,
     config=config,
-    seed=_SEED.value,
-    workdir=_WORKDIR.value,
+    seed=_DATA.seed.value,
+    workdir=_DATA.workdir.value,
     exclude_history=_EXCLUDE_HISTORY.value,
     log=logging.info,
     mesh=mesh,
@@ -123,18 +105,18 @@ def main(argv):
 
   keys = [f'{m}@{k}' for m in ('hr', 'ndcg') for k in (5, 10, 20)]
   print(
-    f'{_MODEL.value} on {dataset.name} ({_REINDEX.value} ids), full '
+    f'{_MODEL.value} on {dataset.name} ({_DATA.reindex.value} ids), full '
     f'ranking of {int(run.test["count"]):,} test users, best epoch '
     f'{run.loop.best_epoch}:'
   )
   print('  ' + '  '.join(f'{k:>8}' for k in keys))
   print('  ' + '  '.join(f'{run.test[k]:8.4f}' for k in keys))
-  if _WORKDIR.value:
+  if _DATA.workdir.value:
     results = {
       'model': _MODEL.value,
       'dataset': dataset.name,
-      'reindex': _REINDEX.value,
-      'seed': _SEED.value,
+      'reindex': _DATA.reindex.value,
+      'seed': _DATA.seed.value,
       'config': config.to_dict(),
       'best_epoch': run.loop.best_epoch,
       'valid': run.valid,
@@ -144,7 +126,9 @@ def main(argv):
       'mesh': dict(mesh.shape),
       'processes': jax.process_count(),
     }
-    common.write_json(os.path.join(_WORKDIR.value, 'results.json'), results)
+    common.write_json(
+      os.path.join(_DATA.workdir.value, 'results.json'), results
+    )
 
 
 if __name__ == '__main__':

@@ -773,18 +773,7 @@ def mesh_llm(llm, mesh: Mesh):
   Returns:
     A new `LLMScorer` sharing `llm`'s model, tokenizer and identifiers.
   """
-  copy = dataclasses.replace(llm, params=on_mesh(llm.params, mesh))
-  searches: dict[tuple[int, int], Callable] = {}
-
-  def searcher(beam_size: int, num_candidates: int) -> Callable:
-    key = (beam_size, num_candidates)
-    if key not in searches:
-      split = shard_map_batched(llm.searcher(beam_size, num_candidates), mesh)
-      searches[key] = lambda *args: to_host(split(*args))
-    return searches[key]
-
-  copy.searcher = searcher
-  return copy
+  return dataclasses.replace(llm, params=on_mesh(llm.params, mesh), mesh=mesh)
 
 
 @functools.lru_cache(maxsize=16)

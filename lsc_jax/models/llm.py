@@ -51,6 +51,8 @@ class LLMScorer:
     tokenizer: the prompt tokenizer.
     item_ids: the item identifier scheme and its trie.
     prompts: builds prompt token ids.
+    mesh: a `jax.sharding.Mesh` whose devices split the prompts of every
+      beam search (None: one device); see `lsc_jax.sharding.mesh_llm`.
   """
 
   model: t5.T5
@@ -59,6 +61,7 @@ class LLMScorer:
   tokenizer: Any
   item_ids: ItemIds
   prompts: prompts_lib.PromptBuilder
+  mesh: Any = None
 
   def __post_init__(self):
     if self.config.vocab_size != self.item_ids.vocab_size:
@@ -75,12 +78,24 @@ class LLMScorer:
   def searcher(self, beam_size: int, num_candidates: int) -> Callable:
     key = (beam_size, num_candidates)
     if key not in self._searchers:
-      self._searchers[key] = beam_lib.make_beam_search(
+      search = beam_lib.make_beam_search(
         self.model,
         self.item_ids.trie,
         beam_size=beam_size,
         num_candidates=num_candidates,
       )
+      if self.mesh is not None:
+        # `lsc_jax.sharding` imports this package, so it is imported here.
+        from lsc_jax import sharding
+
+        split = sharding.shard_map_batched(search, self.mesh)
+
+        def sharded_search(*args):
+          return sharding.to_host(split(*args))
+
+        search = sharded_search
+
+      self._searchers[key] = search
     return self._searchers[key]
 
   def scorer(self) -> Callable:
