@@ -186,6 +186,26 @@ def training_mesh(mesh: Mesh | None) -> Mesh | None:
   return mesh
 
 
+def check_batch_size(batch_size: int, mesh: Mesh | None, where: str) -> None:
+  """Raises before training when `batch_size` does not split over `mesh`.
+
+  Every training batch has exactly `batch_size` rows, so the data axis
+  needs it to be a multiple of the device count.
+
+  Raises:
+    ValueError: naming `where`, the batch size, the mesh and a fitting size.
+  """
+  if mesh is None or batch_size % mesh.size == 0:
+    return
+  raise ValueError(
+    f'{where}: batch_size {batch_size} does not split over the '
+    f'{mesh.size} devices of the mesh {dict(mesh.shape)}; every training '
+    f'batch has exactly batch_size rows, so use a multiple of {mesh.size} '
+    f'(e.g. {mesh.size * -(-batch_size // mesh.size)}) or a mesh size that '
+    'divides it'
+  )
+
+
 def serial_dispatch(mesh: Mesh) -> bool:
   """Whether programs on `mesh` should run one at a time (CPU meshes).
 

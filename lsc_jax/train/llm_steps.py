@@ -520,13 +520,7 @@ def train_llm(
   if epochs is not None:
     config = dataclasses.replace(config, epochs=epochs)
   mesh = sharding.training_mesh(mesh)
-  if mesh is not None and config.batch_size % mesh.size:
-    raise ValueError(
-      f'train_llm: batch_size {config.batch_size} does not split over the '
-      f'{mesh.size} devices of the mesh {dict(mesh.shape)}; every training '
-      f'batch has exactly batch_size prompts, so use a multiple of '
-      f'{mesh.size} (e.g. {mesh.size * -(-config.batch_size // mesh.size)})'
-    )
+  sharding.check_batch_size(config.batch_size, mesh, 'train_llm')
   llm = build_untrained_llm(
     num_users=num_users,
     num_items=num_items,

@@ -672,14 +672,7 @@ def train_srm(
   """
   log = log or _LOG.info
   mesh = sharding.training_mesh(mesh)
-  if mesh is not None and config.batch_size % mesh.size:
-    raise ValueError(
-      f'train_srm: batch_size {config.batch_size} does not split over the '
-      f'{mesh.size} devices of the mesh {dict(mesh.shape)}; every training '
-      f'batch has exactly batch_size rows, so use a multiple of {mesh.size} '
-      f'(e.g. {mesh.size * -(-config.batch_size // mesh.size)}) or a mesh '
-      'size that divides it'
-    )
+  sharding.check_batch_size(config.batch_size, mesh, 'train_srm')
   model = registry.srm_from_config(name, num_items, config)
   if params is None:
     params = init_params(model, config.max_len, seed)
