@@ -51,6 +51,11 @@ _REINDEX = flags.DEFINE_enum(
   'reindex', None, ['random', 'keep'], 'Item re-indexing (keep = P5 leaky ids).'
 )
 _GAP = flags.DEFINE_integer('gap', None, 'Staleness gap g of cached lists.')
+_LLM_EMBEDDING_LR = flags.DEFINE_float(
+  'llm_embedding_lr_multiplier',
+  None,
+  "Learning-rate multiple of the LLM's token embedding (default: preset's).",
+)
 _ALPHA = flags.DEFINE_float(
   'alpha',
   None,
@@ -106,6 +111,7 @@ def build_config() -> pipeline.PipelineConfig:
     'id_scheme': _ID_SCHEME.value,
     'reindex': _REINDEX.value,
     'gap': _GAP.value,
+    'llm_embedding_lr_multiplier': _LLM_EMBEDDING_LR.value,
     'alpha': _ALPHA.value,
     'llm_score': _LLM_SCORE.value,
     'normalisation': _NORMALISATION.value,
@@ -131,7 +137,7 @@ def compile_checks(config: pipeline.PipelineConfig, mesh) -> None:
   common.compile_only_srm(
     config.srm, srm_config, dataset.num_items, config.seed, mesh
   )
-  train_config = llm_steps.train_config(config.llm_preset)
+  train_config = config.llm_training()
   llm = llm_steps.build_untrained_llm(
     num_users=dataset.num_users,
     num_items=dataset.num_items,

@@ -63,6 +63,11 @@ _LR = flags.DEFINE_float('lr', None, 'Peak learning rate.')
 _MAX_HISTORY = flags.DEFINE_integer(
   'max_history', None, 'Newest history items per prompt.'
 )
+_EMBEDDING_LR_MULTIPLIER = flags.DEFINE_float(
+  'embedding_lr_multiplier',
+  None,
+  'Learning-rate multiple of the shared token embedding.',
+)
 
 
 def main(argv):
@@ -79,6 +84,7 @@ def main(argv):
     batch_size=_BATCH_SIZE.value,
     learning_rate=_LR.value,
     max_history=_MAX_HISTORY.value,
+    embedding_lr_multiplier=_EMBEDDING_LR_MULTIPLIER.value,
   )
   dataset, split = _DATA.load()
   logging.info('config: %s', config)

@@ -226,12 +226,19 @@ def traffic(
 
 @dataclasses.dataclass(frozen=True)
 class RequestRun:
-  """Metrics and costs of one request policy at one budget."""
+  """Metrics and costs of one request policy at one budget.
+
+  Attributes:
+    expected_metrics: for 'random' only, the metrics' expectation over every
+      draw of the same number of users (one seeded draw, `metrics`, differs
+      from it by sampling noise); None for the other policies.
+  """
 
   policy: str
   ratio: float
   metrics: dict[str, float]
   traffic: Traffic
+  expected_metrics: dict[str, float] | None = None
 
 
 def run_policy(
@@ -286,17 +293,32 @@ def run_policy(
   else:
     raise ValueError(f'unknown request policy {policy!r}')
   requests = np.asarray(requests, bool)
-  final = stale.select(requests, fresh)
-  return RequestRun(
-    policy=policy,
-    ratio=ratio,
-    metrics=list_metrics(
-      final,
+
+  def metrics_of(lists):
+    return list_metrics(
+      lists,
       targets,
       alpha=alpha,
       llm_score=llm_score,
       normalisation=normalisation,
       ks=ks,
-    ),
+    )
+
+  expected = None
+  if policy == 'random':
+    # Each metric is a mean over users and every user is among the k
+    # requesters with probability k / n, so the expectation interpolates
+    # exactly between no user and every user requesting.
+    share = requests.sum() / max(num_users, 1)
+    never, always = metrics_of(stale), metrics_of(fresh)
+    expected = {
+      key: float(never[key] + share * (always[key] - never[key]))
+      for key in never
+    }
+  return RequestRun(
+    policy=policy,
+    ratio=ratio,
+    metrics=metrics_of(stale.select(requests, fresh)),
     traffic=traffic(requests, history_lengths, stale.items.shape[1]),
+    expected_metrics=expected,
   )

@@ -67,6 +67,13 @@ class LLMTrainConfig:
     weight_decay: AdamW decay, applied to every parameter (paper: 0.01).
     adam_eps: AdamW epsilon (paper: 1e-6).
     clip_norm: global gradient-norm clip (paper: 1.0).
+    embedding_lr_multiplier: the shared token embedding (which is also the
+      tied output layer) learns at this multiple of `learning_rate` (paper:
+      1, a pretrained T5 whose rows already mean something). Atomic item
+      tokens trained from scratch need more: their rows start at T5's
+      standard deviation 1 while Adam moves each coordinate by about the
+      learning rate per step, so at 1e-3 they barely leave their random
+      start in a few thousand steps.
     max_history: newest history items in a prompt (None: all; the paper's
       code only cuts at 512 tokens).
     tokenizer_vocab: size of a tokenizer trained on the spot.
@@ -82,6 +89,7 @@ class LLMTrainConfig:
   weight_decay: float = 0.01
   adam_eps: float = 1e-6
   clip_norm: float = 1.0
+  embedding_lr_multiplier: float = 1.0
   max_history: int | None = 20
   tokenizer_vocab: int = 1000
   chunk_batches: int = 50
@@ -89,7 +97,12 @@ class LLMTrainConfig:
   log_every_seconds: float = 20.0
 
   def __post_init__(self):
-    if self.epochs < 0 or self.batch_size < 1 or self.learning_rate <= 0:
+    if (
+      self.epochs < 0
+      or self.batch_size < 1
+      or self.learning_rate <= 0
+      or self.embedding_lr_multiplier <= 0
+    ):
       raise ValueError(f'invalid LLMTrainConfig: {self}')
     if not 0 <= self.warmup_fraction < 1:
       raise ValueError(
@@ -106,9 +119,16 @@ LLM_TRAIN_PRESETS: dict[str, LLMTrainConfig] = {
   ),
   # About 80 s per epoch of Beauty's 71k LLM windows on two free CPU cores.
   # 3e-3 was too high for T5's small query initialisation at d 128: the
-  # model never learned even to copy the last history item.
+  # model never learned even to copy the last history item. The embedding
+  # multiplier is the best of 1, 10, 30, 100, 300 on validation (2 epochs,
+  # 6,000 users): HR@10 from the stale history 0.0075 at 1, 0.0333 at 300
+  # (see BUILD_NOTES.md).
   'cpu': LLMTrainConfig(
-    epochs=4, batch_size=64, learning_rate=1e-3, max_history=10
+    epochs=4,
+    batch_size=64,
+    learning_rate=1e-3,
+    max_history=10,
+    embedding_lr_multiplier=300.0,
   ),
   't5-small': LLMTrainConfig(max_history=None),
 }
@@ -143,21 +163,52 @@ def learning_rate_schedule(
   )
 
 
+def is_embedding_parameter(path: str) -> bool:
+  """Whether a parameter path (`jax.tree_util.keystr`) is T5's shared token
+  embedding, the group `embedding_lr_multiplier` scales."""
+  return "'shared'" in path
+
+
 def make_optimizer(
   config: LLMTrainConfig, total_steps: int
 ) -> optax.GradientTransformation:
-  """Clip at `clip_norm`, then AdamW on `learning_rate_schedule`."""
+  """Clip at `clip_norm` (one global norm over all parameters), then AdamW
+  on `learning_rate_schedule`; the shared embedding's schedule is scaled by
+  `embedding_lr_multiplier`."""
   schedule = learning_rate_schedule(config, total_steps)
-  return optax.chain(
-    optax.clip_by_global_norm(config.clip_norm),
-    optax.adamw(
-      schedule,
+
+  def adamw(learning_rate):
+    return optax.adamw(
+      learning_rate,
       b1=0.9,
       b2=0.999,
       eps=config.adam_eps,
       weight_decay=config.weight_decay,
-    ),
-  )
+    )
+
+  if config.embedding_lr_multiplier == 1.0:
+    update = adamw(schedule)
+  else:
+    multiplier = config.embedding_lr_multiplier
+
+    def groups(params):
+      return jax.tree_util.tree_map_with_path(
+        lambda path, _: (
+          'embedding'
+          if is_embedding_parameter(jax.tree_util.keystr(path))
+          else 'rest'
+        ),
+        params,
+      )
+
+    update = optax.multi_transform(
+      {
+        'embedding': adamw(lambda step: multiplier * schedule(step)),
+        'rest': adamw(schedule),
+      },
+      groups,
+    )
+  return optax.chain(optax.clip_by_global_norm(config.clip_norm), update)
 
 
 def seq2seq_loss(

@@ -66,6 +66,18 @@ def test_ratio_zero_is_fusion_and_ratio_one_is_always_request(smoke_run):
     assert rows[1.0]['traffic']['requests'] == results['num_test_users']
     at_one.append(rows[1.0]['metrics'])
   assert at_one[0] == at_one[1] == at_one[2]
+  # The expectation over random draws is exact at both ends and, at any
+  # budget, the no-request value moved by the requesting share of the gap
+  # to every user requesting.
+  expected = _rows(results, 'random_expected')
+  assert expected[0.0]['metrics'] == pytest.approx(fusion['metrics'])
+  assert expected[1.0]['metrics'] == pytest.approx(at_one[0])
+  users = results['num_test_users']
+  for ratio in config.ratios:
+    share = request.request_budget(users, ratio) / users
+    for key, value in expected[ratio]['metrics'].items():
+      never, always = fusion['metrics'][key], at_one[0][key]
+      assert value == pytest.approx(never + share * (always - never))
 
 
 def test_request_counts_match_the_budget(smoke_run):
@@ -129,4 +141,12 @@ def test_a_finished_workdir_refuses_other_stage_settings(smoke_run):
       dataclasses.replace(
         config, adapt=dataclasses.replace(config.adapt, num_steps=9)
       )
+    )
+  # The LLM settings a preset resolves to are recorded too, so an override
+  # (or a changed preset) names the resolved field.
+  with pytest.raises(
+    ValueError, match=r"llm_training: .*'embedding_lr_multiplier': 3\.0"
+  ):
+    pipeline.check_workdir_config(
+      dataclasses.replace(config, llm_embedding_lr_multiplier=3.0)
     )

@@ -145,3 +145,41 @@ def test_choose_alpha_follows_the_stronger_signal():
   assert best == min(a for a, v in curve.items() if v == 1.0)
   with pytest.raises(ValueError, match='alpha grid'):
     simulate.choose_alpha(lists, np.array([5]), grid=(0.5, 1.5))
+
+
+def test_random_expectation_is_the_mean_over_every_draw():
+  # Seven users, a budget of two: average the metrics of all 21 possible
+  # pairs of requesting users, independently of the closed form.
+  import itertools
+
+  stale, fresh = _lists(num_users=7, seed=5), _lists(num_users=7, seed=6)
+  targets = np.where(
+    np.arange(7) % 2 == 0, fresh.items[:, 1], stale.items[:, 0]
+  )
+  kwargs = dict(targets=targets, alpha=0.3, ks=(1, 5))
+  run = simulate.run_policy(
+    'random',
+    2 / 7,
+    stale=stale,
+    fresh=fresh,
+    history_lengths=np.full(7, 4),
+    test_consistency=np.zeros(7),
+    **kwargs,
+  )
+  draws = []
+  for pair in itertools.combinations(range(7), 2):
+    requests = np.isin(np.arange(7), pair)
+    draws.append(simulate.list_metrics(stale.select(requests, fresh), **kwargs))
+  for key, value in run.expected_metrics.items():
+    assert value == pytest.approx(np.mean([d[key] for d in draws]), abs=1e-6)
+  assert run.metrics in draws  # the seeded draw is one of them
+  gate = simulate.run_policy(
+    'gate_topk',
+    2 / 7,
+    stale=stale,
+    fresh=fresh,
+    history_lengths=np.full(7, 4),
+    test_consistency=np.arange(7.0),
+    **kwargs,
+  )
+  assert gate.expected_metrics is None

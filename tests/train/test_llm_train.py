@@ -55,6 +55,51 @@ def test_learning_rate_schedule():
   )
 
 
+@pytest.mark.parametrize('multiplier', [1.0, 10.0])
+def test_embedding_learning_rate_multiplier(multiplier):
+  # Adam's first step moves every coordinate by the learning rate times the
+  # sign of its gradient (zero parameters: no weight decay), so the shared
+  # embedding must move `multiplier` times as far as everything else.
+  config = llm_steps.LLMTrainConfig(
+    learning_rate=1e-3,
+    warmup_fraction=0.0,
+    embedding_lr_multiplier=multiplier,
+    adam_eps=1e-12,
+  )
+  params = {
+    'params': {
+      'shared': {'embedding': np.zeros((4, 3), np.float32)},
+      'encoder': {'dense': {'kernel': np.zeros((3, 2), np.float32)}},
+    }
+  }
+  grads = jax.tree.map(
+    lambda x: (
+      np.random.default_rng(x.size).normal(size=x.shape).astype(np.float32)
+    ),
+    params,
+  )
+  tx = llm_steps.make_optimizer(config, total_steps=100)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  shared = updates['params']['shared']['embedding']
+  dense = updates['params']['encoder']['dense']['kernel']
+  g = grads['params']
+  np.testing.assert_allclose(
+    shared, -multiplier * 1e-3 * np.sign(g['shared']['embedding']), rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    dense, -1e-3 * np.sign(g['encoder']['dense']['kernel']), rtol=1e-4
+  )
+
+
+def test_cpu_preset_speeds_up_only_the_embedding():
+  assert llm_steps.train_config('cpu').embedding_lr_multiplier > 1.0
+  assert llm_steps.train_config('t5-small').embedding_lr_multiplier == 1.0
+  assert llm_steps.is_embedding_parameter("['shared']['embedding']")
+  assert not llm_steps.is_embedding_parameter(
+    "['encoder']['block_0']['attention']['q']['kernel']"
+  )
+
+
 @pytest.fixture(scope='module')
 def beauty():
   dataset = data.load('beauty', verbose=False)
