@@ -47,7 +47,7 @@ import numpy as np
 from lsc_jax import checkpoint, sharding
 from lsc_jax import data as data_lib
 from lsc_jax.collab import adapt as adapt_lib
-from lsc_jax.collab import cooperative, rerank, simulate
+from lsc_jax.collab import cooperative, request, rerank, simulate
 from lsc_jax.models import registry
 from lsc_jax.train import srm_steps
 
@@ -776,7 +776,7 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
       '(' + ', '.join(f'{a:g}: {v:.4f}' for a, v in alpha_curve.items()) + ')'
     )
 
-  def metrics_of(lists, alpha):
+  def metrics_of(lists, alpha, reduce=True):
     return simulate.list_metrics(
       lists,
       targets,
@@ -784,6 +784,7 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
       llm_score=config.llm_score,
       normalisation=config.normalisation,
       ks=KS,
+      reduce=reduce,
     )
 
   rows = []
@@ -845,6 +846,7 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
   valid_consistency = simulate.consistency(valid_stale, config.consistency)
   history_lengths = np.minimum(test.positions, 10**9)
   requests = []
+  gate_requests = {}
   for policy in ('gate', 'gate_topk', 'random'):
     for ratio in config.ratios:
       run = simulate.run_policy(
@@ -862,6 +864,8 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
         seed=config.seed,
         ks=KS,
       )
+      if policy == 'gate':
+        gate_requests[ratio] = run.requests
       requests.append(
         dict(
           name=f'LSC4Rec, {policy} requests, ratio {ratio:g}',
@@ -885,13 +889,72 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
             traffic=dataclasses.asdict(run.traffic),
           )
         )
+  comparisons = paired_comparisons(
+    metrics_of=lambda lists, a: metrics_of(lists, a, reduce=False),
+    llm_stale=stale_llm,
+    stale=stale,
+    fresh=fresh,
+    alpha=alpha,
+    gate_requests=gate_requests,
+  )
   return {
     'rows': rows + requests,
+    'comparisons': comparisons,
     'alpha': alpha,
     'alpha_validation': {f'{a:g}': v for a, v in alpha_curve.items()},
     'final_srm': final,
     'num_test_users': int(len(test)),
   }
+
+
+def paired_comparisons(
+  *,
+  metrics_of: Callable,
+  llm_stale,
+  stale,
+  fresh,
+  alpha: float,
+  gate_requests: dict[float, np.ndarray],
+) -> list[dict[str, Any]]:
+  """The claims of the paper as per-user paired differences on test.
+
+  Fusion against each end on the same stale lists (NDCG@5 and @10), and
+  the gate at each budget against the expectation over random draws of the
+  same number of requests (NDCG@5), each with a 95% interval
+  (`simulate.paired_difference`).
+
+  Args:
+    metrics_of: (lists, alpha) -> per-user metric arrays.
+    llm_stale: the test lists with any SRM's scores (the LLM-only end).
+    stale, fresh: the test lists with the final SRM's scores.
+  """
+  fused = metrics_of(stale, alpha)
+  srm_only = metrics_of(stale, 0.0)
+  llm_only = metrics_of(llm_stale, 1.0)
+  fused_fresh = metrics_of(fresh, alpha)
+  out = []
+
+  def add(name, metric, a, b, ratio=None):
+    diff = simulate.paired_difference(a[metric], b[metric])
+    entry = dict(name=name, metric=metric, **dataclasses.asdict(diff))
+    entry['separated'] = diff.separated
+    if ratio is not None:
+      entry['ratio'] = ratio
+    out.append(entry)
+
+  for metric in ('ndcg@5', 'ndcg@10'):
+    add('fusion - SRM only', metric, fused, srm_only)
+    add('fusion - LLM only', metric, fused, llm_only)
+  for ratio, chosen in sorted(gate_requests.items()):
+    if not 0.0 < ratio < 1.0:
+      continue
+    share = request.request_budget(len(chosen), ratio) / len(chosen)
+    gated = metrics_of(stale.select(chosen, fresh), alpha)
+    expected = {
+      key: fused[key] + share * (fused_fresh[key] - fused[key]) for key in fused
+    }
+    add('gate - random (expected)', 'ndcg@5', gated, expected, ratio)
+  return out
 
 
 def fusion_row_name(alpha: float, stage: str) -> str:
@@ -907,6 +970,21 @@ def checks(results: dict[str, Any], config: PipelineConfig) -> list[str]:
   llm = by_name['LLM only (stale list)']['metrics']
   srm = by_name[f'SRM only, re-ranks stale list ({final})']['metrics']
   lines = []
+  paired = {
+    (c['name'], c['metric'], c.get('ratio')): c
+    for c in results.get('comparisons', [])
+  }
+
+  def interval(name, metric, ratio=None):
+    c = paired.get((name, metric, ratio))
+    if c is None:
+      return ''
+    verdict = 'apart' if c['separated'] else 'within noise'
+    return (
+      f' [{name}: {c["mean"]:+.5f}, 95% interval {c["low"]:+.5f} to '
+      f'{c["high"]:+.5f} over {c["users"]:,} users, {verdict}]'
+    )
+
   for k in (5, 10):
     key = f'ndcg@{k}'
     ok = fusion[key] > llm[key] and fusion[key] > srm[key]
@@ -914,6 +992,7 @@ def checks(results: dict[str, Any], config: PipelineConfig) -> list[str]:
       f'fusion {"beats" if ok else "does NOT beat"} both LLM-only and '
       f'SRM-only on {key}: {fusion[key]:.5f} vs {llm[key]:.5f} (LLM) and '
       f'{srm[key]:.5f} (SRM re-rank, {final})'
+      + interval('fusion - SRM only', key)
     )
 
   def by_ratio(policy):
@@ -928,7 +1007,7 @@ def checks(results: dict[str, Any], config: PipelineConfig) -> list[str]:
         f'Kendall gate {"beats" if g > e else "does NOT beat"} random '
         f'requests at ratio {ratio:g} on ndcg@5: {g:.5f} vs {e:.5f} '
         f'expected over random draws ({drawn[ratio]["ndcg@5"]:.5f} in the '
-        'seeded draw)'
+        'seeded draw)' + interval('gate - random (expected)', 'ndcg@5', ratio)
       )
   return lines
 

@@ -132,12 +132,14 @@ def list_metrics(
   llm_score: str = 'rank',
   normalisation: str = 'sigmoid',
   ks: Sequence[int] = (1, 5, 10, 20),
-) -> dict[str, float]:
+  reduce: bool = True,
+) -> dict[str, float] | dict[str, np.ndarray]:
   """HR/NDCG/MRR/Precision of the fused ranking of each user's list.
 
   A target outside its list is a miss. Duplicate candidates are not
   expected (lists come from a trie-constrained beam search); if one
-  appears, only its first slot counts as the target.
+  appears, only its first slot counts as the target. `reduce=False` gives
+  float64 `[num_users]` values per metric instead of their means.
   """
   scores = fused_scores(
     lists, alpha=alpha, llm_score=llm_score, normalisation=normalisation
@@ -146,8 +148,45 @@ def list_metrics(
   first = np.zeros_like(labels)
   rows = np.flatnonzero(labels.any(axis=1))
   first[rows, np.argmax(labels[rows], axis=1)] = True
-  result = metrics_lib.ranking_metrics(scores, first, ks, lists.valid)
+  result = metrics_lib.ranking_metrics(
+    scores, first, ks, lists.valid, reduce=reduce
+  )
+  if not reduce:
+    return {k: np.asarray(v, np.float64) for k, v in result.values.items()}
   return {k: float(v) for k, v in result.values.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedDifference:
+  """Mean over users of a per-user difference `a - b`, with a 95% interval.
+
+  The interval is mean +- 1.96 standard errors of that mean (users are
+  independent, so this normal approximation holds at thousands of users).
+  An interval that contains 0 means the two are not told apart.
+  """
+
+  mean: float
+  low: float
+  high: float
+  users: int
+
+  @property
+  def separated(self) -> bool:
+    return self.low > 0.0 or self.high < 0.0
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> PairedDifference:
+  """`PairedDifference` of two per-user metric arrays of the same users."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+    raise ValueError(
+      f'paired_difference needs two [users] arrays of the same length >= 2, '
+      f'got {a.shape} and {b.shape}'
+    )
+  d = a - b
+  mean = float(d.mean())
+  half = 1.96 * float(d.std(ddof=1)) / np.sqrt(len(d))
+  return PairedDifference(mean, mean - half, mean + half, len(d))
 
 
 def choose_alpha(
@@ -229,6 +268,7 @@ class RequestRun:
   """Metrics and costs of one request policy at one budget.
 
   Attributes:
+      requests: bool `[num_users]`, who requested a fresh list.
     expected_metrics: for 'random' only, the metrics' expectation over every
       draw of the same number of users (one seeded draw, `metrics`, differs
       from it by sampling noise); None for the other policies.
@@ -238,6 +278,7 @@ class RequestRun:
   ratio: float
   metrics: dict[str, float]
   traffic: Traffic
+  requests: np.ndarray
   expected_metrics: dict[str, float] | None = None
 
 
@@ -320,5 +361,6 @@ def run_policy(
     ratio=ratio,
     metrics=metrics_of(stale.select(requests, fresh)),
     traffic=traffic(requests, history_lengths, stale.items.shape[1]),
+    requests=requests,
     expected_metrics=expected,
   )

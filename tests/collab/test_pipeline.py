@@ -80,6 +80,32 @@ def test_ratio_zero_is_fusion_and_ratio_one_is_always_request(smoke_run):
       assert value == pytest.approx(never + share * (always - never))
 
 
+def test_paired_comparisons_agree_with_the_table(smoke_run):
+  config, results, lines = smoke_run
+  by_name = {r['name']: r['metrics'] for r in results['rows']}
+  final = results['final_srm']
+  fusion = by_name[pipeline.fusion_row_name(results['alpha'], final)]
+  srm = by_name[f'SRM only, re-ranks stale list ({final})']
+  expected = _rows(results, 'random_expected')
+  gate = _rows(results, 'gate')
+  seen = set()
+  for c in results['comparisons']:
+    assert c['low'] <= c['mean'] <= c['high']
+    assert c['users'] == results['num_test_users']
+    metric = c['metric']
+    if c['name'] == 'fusion - SRM only':
+      want = fusion[metric] - srm[metric]
+    elif c['name'] == 'gate - random (expected)':
+      ratio = c['ratio']
+      want = gate[ratio]['metrics'][metric] - expected[ratio]['metrics'][metric]
+    else:
+      continue
+    assert c['mean'] == pytest.approx(want, abs=1e-7)
+    seen.add((c['name'], metric, c.get('ratio')))
+  assert ('fusion - SRM only', 'ndcg@5', None) in seen
+  assert {r for n, m, r in seen if n.startswith('gate')} == {0.1, 0.2}
+
+
 def test_request_counts_match_the_budget(smoke_run):
   config, results, _ = smoke_run
   users = results['num_test_users']

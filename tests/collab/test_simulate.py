@@ -183,3 +183,31 @@ def test_random_expectation_is_the_mean_over_every_draw():
     **kwargs,
   )
   assert gate.expected_metrics is None
+
+
+def test_paired_difference_matches_scipy_standard_error():
+  from scipy import stats
+
+  rng = np.random.default_rng(8)
+  a = (rng.random(500) < 0.2) * rng.random(500)
+  b = (rng.random(500) < 0.1) * rng.random(500)
+  diff = simulate.paired_difference(a, b)
+  half = 1.96 * stats.sem(a - b)
+  assert diff.mean == pytest.approx(np.mean(a) - np.mean(b))
+  assert diff.low == pytest.approx(diff.mean - half)
+  assert diff.high == pytest.approx(diff.mean + half)
+  assert diff.users == 500 and diff.separated == (diff.low > 0)
+  same = simulate.paired_difference(a, a)
+  assert same.mean == same.low == same.high == 0.0 and not same.separated
+  with pytest.raises(ValueError, match='same length'):
+    simulate.paired_difference(a, b[:-1])
+
+
+def test_per_user_metrics_average_to_the_reported_ones(setting):
+  kwargs = dict(targets=setting['targets'], alpha=0.5)
+  means = simulate.list_metrics(setting['stale'], **kwargs)
+  per_user = simulate.list_metrics(setting['stale'], **kwargs, reduce=False)
+  assert set(per_user) == set(means)
+  for key, values in per_user.items():
+    assert values.shape == (len(setting['stale']),)
+    assert values.mean() == pytest.approx(means[key])
