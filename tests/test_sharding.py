@@ -18,7 +18,10 @@ Over whole training runs Adam adds one effect: a gradient entry that is
 pure rounding noise (a sum that cancels to about zero) is rescaled to an
 update of the size of the learning rate whose sign depends on the
 summation order. `_assert_trained_params_close` therefore allows a few
-entries per array (at most 0.1%) to differ by up to one learning rate.
+entries per array (0.1%, and at least 4 in a small array) to differ by up
+to one learning rate. Which entries flip depends on the CPU's vector
+width, so a 1,024-entry attention kernel can show 2 on one machine and
+none on another.
 """
 
 import json
@@ -49,6 +52,8 @@ FAST_COMPILE = (
   '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 )
 RTOL, ATOL = 1e-5, 1e-6
+# Entries of one trained array allowed to differ by up to a learning rate.
+MIN_FLIPPED = 4
 LEARNING_RATE = 3e-3  # the SASRec smoke preset's
 NUM_STEPS = 4
 
@@ -225,9 +230,9 @@ def _assert_params_close(arrays, label, reference_arrays=None):
 def _assert_trained_params_close(arrays, label, reference, learning_rate):
   """`arrays['<label>/<param>']` against `reference['<param>']` after whole
   training runs: within RTOL/ATOL except at most 0.1% of each array's
-  entries, and every entry within one learning rate (see the module
-  docstring). The attention key bias, whose whole gradient is noise, only
-  gets the learning-rate bound."""
+  entries (at least `MIN_FLIPPED` entries), and every entry within one
+  learning rate (see the module docstring). The attention key bias,
+  whose whole gradient is noise, only gets the learning-rate bound."""
   assert len(reference) > 10
   for name, expected in reference.items():
     actual = arrays[f'{label}/{name}']
@@ -237,7 +242,8 @@ def _assert_trained_params_close(arrays, label, reference, learning_rate):
     if name.endswith('attention/key/bias'):
       continue
     outside = difference > ATOL + RTOL * np.abs(expected)
-    assert outside.mean() <= 1e-3, (label, name, int(outside.sum()))
+    allowed = max(1e-3 * outside.size, MIN_FLIPPED)
+    assert outside.sum() <= allowed, (label, name, int(outside.sum()))
 
 
 def _prefixed(arrays, prefix):

@@ -197,7 +197,7 @@ SRM_STAGES = ('independent', 'cooperative', 'retrained', 'adapted')
 
 # Named settings of `PipelineConfig` (fields not named keep their default).
 PRESETS: dict[str, dict[str, Any]] = {
-  # Sized for two CPU cores (24 minutes end to end on Beauty; see
+  # Sized for two CPU cores (18 minutes end to end on Beauty; see
   # BUILD_NOTES.md).
   'cpu': dict(srm_preset='cpu', llm_preset='cpu'),
   # Tiny models on the first users: seconds per stage, for tests.
@@ -886,7 +886,7 @@ def simulate_requests(ctx: Context) -> dict[str, Any]:
             policy=f'{policy}_expected',
             ratio=ratio,
             metrics=run.expected_metrics,
-            traffic=dataclasses.asdict(run.traffic),
+            traffic=dataclasses.asdict(run.expected_traffic),
           )
         )
   comparisons = paired_comparisons(
@@ -928,6 +928,8 @@ def paired_comparisons(
     llm_stale: the test lists with any SRM's scores (the LLM-only end).
     stale, fresh: the test lists with the final SRM's scores.
   """
+  if len(stale) < 2:
+    return []  # no spread to measure with fewer than two users
   fused = metrics_of(stale, alpha)
   srm_only = metrics_of(stale, 0.0)
   llm_only = metrics_of(llm_stale, 1.0)

@@ -183,9 +183,15 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> PairedDifference:
       f'paired_difference needs two [users] arrays of the same length >= 2, '
       f'got {a.shape} and {b.shape}'
     )
+  bad = ~(np.isfinite(a) & np.isfinite(b))
+  if bad.any():
+    raise ValueError(
+      f'paired_difference: {int(bad.sum())} non-finite per-user values '
+      f'(first at user {int(np.flatnonzero(bad)[0])})'
+    )
   d = a - b
   mean = float(d.mean())
-  half = 1.96 * float(d.std(ddof=1)) / np.sqrt(len(d))
+  half = 1.96 * float(d.std(ddof=1)) / float(np.sqrt(len(d)))
   return PairedDifference(mean, mean - half, mean + half, len(d))
 
 
@@ -268,10 +274,17 @@ class RequestRun:
   """Metrics and costs of one request policy at one budget.
 
   Attributes:
-      requests: bool `[num_users]`, who requested a fresh list.
+    policy: the policy's name (see `run_policy`).
+    ratio: the budget, a share of the users.
+    metrics: mean HR/NDCG/MRR/Precision@k over the users.
+    traffic: what the requests cost.
+    requests: bool `[num_users]`, who requested a fresh list.
     expected_metrics: for 'random' only, the metrics' expectation over every
       draw of the same number of users (one seeded draw, `metrics`, differs
       from it by sampling noise); None for the other policies.
+    expected_traffic: for 'random' only, the traffic's expectation over
+      those draws (only the history bytes sent up depend on the draw;
+      rounded to whole bytes); None for the other policies.
   """
 
   policy: str
@@ -280,6 +293,7 @@ class RequestRun:
   traffic: Traffic
   requests: np.ndarray
   expected_metrics: dict[str, float] | None = None
+  expected_traffic: Traffic | None = None
 
 
 def run_policy(
@@ -345,7 +359,9 @@ def run_policy(
       ks=ks,
     )
 
-  expected = None
+  list_length = stale.items.shape[1]
+  spent = traffic(requests, history_lengths, list_length)
+  expected = expected_spent = None
   if policy == 'random':
     # Each metric is a mean over users and every user is among the k
     # requesters with probability k / n, so the expectation interpolates
@@ -356,11 +372,16 @@ def run_policy(
       key: float(never[key] + share * (always[key] - never[key]))
       for key in never
     }
+    everyone = traffic(np.ones(num_users, bool), history_lengths, list_length)
+    expected_spent = dataclasses.replace(
+      spent, bytes_up=int(round(share * everyone.bytes_up))
+    )
   return RequestRun(
     policy=policy,
     ratio=ratio,
     metrics=metrics_of(stale.select(requests, fresh)),
-    traffic=traffic(requests, history_lengths, stale.items.shape[1]),
+    traffic=spent,
     requests=requests,
     expected_metrics=expected,
+    expected_traffic=expected_spent,
   )

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,16 +65,19 @@ class LLMTrainConfig:
     batch_size: prompts per step (paper: 32).
     learning_rate: peak learning rate (paper: 1e-3).
     warmup_fraction: linear warm-up share of all steps (paper: 0.05).
-    weight_decay: AdamW decay, applied to every parameter (paper: 0.01).
+    weight_decay: AdamW decay, applied to every parameter (paper: 0.01);
+      AdamW multiplies it by the learning rate of the parameter's group.
     adam_eps: AdamW epsilon (paper: 1e-6).
     clip_norm: global gradient-norm clip (paper: 1.0).
-    embedding_lr_multiplier: the shared token embedding (which is also the
-      tied output layer) learns at this multiple of `learning_rate` (paper:
-      1, a pretrained T5 whose rows already mean something). Atomic item
-      tokens trained from scratch need more: their rows start at T5's
-      standard deviation 1 while Adam moves each coordinate by about the
-      learning rate per step, so at 1e-3 they barely leave their random
-      start in a few thousand steps.
+    embedding_lr_multiplier: the token table (the shared embedding, also
+      the output layer when tied, and an untied `lm_head`) learns at this
+      multiple of `learning_rate` (paper: 1, a pretrained T5 whose rows
+      already mean something). Atomic item tokens trained from scratch
+      need more: their rows start at T5's standard deviation 1 while Adam
+      moves each coordinate by about the learning rate per step, so at
+      1e-3 they barely leave their random start in a few thousand steps.
+      AdamW's decoupled weight decay is proportional to the learning rate,
+      so the table's decay per step grows by the same multiple.
     max_history: newest history items in a prompt (None: all; the paper's
       code only cuts at 512 tokens).
     tokenizer_vocab: size of a tokenizer trained on the spot.
@@ -164,16 +168,19 @@ def learning_rate_schedule(
 
 
 def is_embedding_parameter(path: str) -> bool:
-  """Whether a parameter path (`jax.tree_util.keystr`) is T5's shared token
-  embedding, the group `embedding_lr_multiplier` scales."""
-  return "'shared'" in path
+  """Whether a parameter path (`jax.tree_util.keystr`) holds rows or
+  columns of the token table: T5's shared embedding and, in an untied
+  model, its output layer `lm_head`. These form the group that
+  `embedding_lr_multiplier` scales (not the relative-position
+  `embedding`s of the attention layers)."""
+  return re.match(r"(\['params'\])?\['(shared|lm_head)'\]", path) is not None
 
 
 def make_optimizer(
   config: LLMTrainConfig, total_steps: int
 ) -> optax.GradientTransformation:
   """Clip at `clip_norm` (one global norm over all parameters), then AdamW
-  on `learning_rate_schedule`; the shared embedding's schedule is scaled by
+  on `learning_rate_schedule`; the token table's schedule is scaled by
   `embedding_lr_multiplier`."""
   schedule = learning_rate_schedule(config, total_steps)
 

@@ -18,7 +18,8 @@ def smoke_run(tmp_path_factory):
       pipeline.PRESETS['smoke'],
       max_users=250,
       workdir=workdir,
-      ratios=(0.0, 0.1, 0.2, 1.0),
+      # 0.15 of the users is not a whole number: budgets round down.
+      ratios=(0.0, 0.1, 0.15, 0.2, 1.0),
     )
   )
   lines = []
@@ -86,6 +87,7 @@ def test_paired_comparisons_agree_with_the_table(smoke_run):
   final = results['final_srm']
   fusion = by_name[pipeline.fusion_row_name(results['alpha'], final)]
   srm = by_name[f'SRM only, re-ranks stale list ({final})']
+  llm = by_name['LLM only (stale list)']
   expected = _rows(results, 'random_expected')
   gate = _rows(results, 'gate')
   seen = set()
@@ -93,8 +95,11 @@ def test_paired_comparisons_agree_with_the_table(smoke_run):
     assert c['low'] <= c['mean'] <= c['high']
     assert c['users'] == results['num_test_users']
     metric = c['metric']
+    assert c['separated'] == (c['low'] > 0 or c['high'] < 0)
     if c['name'] == 'fusion - SRM only':
       want = fusion[metric] - srm[metric]
+    elif c['name'] == 'fusion - LLM only':
+      want = fusion[metric] - llm[metric]
     elif c['name'] == 'gate - random (expected)':
       ratio = c['ratio']
       want = gate[ratio]['metrics'][metric] - expected[ratio]['metrics'][metric]
@@ -103,7 +108,8 @@ def test_paired_comparisons_agree_with_the_table(smoke_run):
     assert c['mean'] == pytest.approx(want, abs=1e-7)
     seen.add((c['name'], metric, c.get('ratio')))
   assert ('fusion - SRM only', 'ndcg@5', None) in seen
-  assert {r for n, m, r in seen if n.startswith('gate')} == {0.1, 0.2}
+  assert ('fusion - LLM only', 'ndcg@10', None) in seen
+  assert {r for n, m, r in seen if n.startswith('gate')} == {0.1, 0.15, 0.2}
 
 
 def test_request_counts_match_the_budget(smoke_run):

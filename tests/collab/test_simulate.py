@@ -148,8 +148,9 @@ def test_choose_alpha_follows_the_stronger_signal():
 
 
 def test_random_expectation_is_the_mean_over_every_draw():
-  # Seven users, a budget of two: average the metrics of all 21 possible
-  # pairs of requesting users, independently of the closed form.
+  # Seven users at ratio 0.3, a budget of floor(2.1) = 2: average the
+  # metrics of all 21 possible pairs of requesting users, independently of
+  # the closed form.
   import itertools
 
   stale, fresh = _lists(num_users=7, seed=5), _lists(num_users=7, seed=6)
@@ -157,32 +158,36 @@ def test_random_expectation_is_the_mean_over_every_draw():
     np.arange(7) % 2 == 0, fresh.items[:, 1], stale.items[:, 0]
   )
   kwargs = dict(targets=targets, alpha=0.3, ks=(1, 5))
+  lengths = np.arange(1, 8)
   run = simulate.run_policy(
     'random',
-    2 / 7,
+    0.3,
     stale=stale,
     fresh=fresh,
-    history_lengths=np.full(7, 4),
+    history_lengths=lengths,
     test_consistency=np.zeros(7),
     **kwargs,
   )
-  draws = []
+  draws, bytes_up = [], []
   for pair in itertools.combinations(range(7), 2):
     requests = np.isin(np.arange(7), pair)
     draws.append(simulate.list_metrics(stale.select(requests, fresh), **kwargs))
+    bytes_up.append(simulate.traffic(requests, lengths, 11).bytes_up)
   for key, value in run.expected_metrics.items():
     assert value == pytest.approx(np.mean([d[key] for d in draws]), abs=1e-6)
   assert run.metrics in draws  # the seeded draw is one of them
+  assert run.traffic.requests == run.expected_traffic.requests == 2
+  assert run.expected_traffic.bytes_up == round(np.mean(bytes_up))
   gate = simulate.run_policy(
     'gate_topk',
-    2 / 7,
+    0.3,
     stale=stale,
     fresh=fresh,
-    history_lengths=np.full(7, 4),
+    history_lengths=lengths,
     test_consistency=np.arange(7.0),
     **kwargs,
   )
-  assert gate.expected_metrics is None
+  assert gate.expected_metrics is None and gate.expected_traffic is None
 
 
 def test_paired_difference_matches_scipy_standard_error():
@@ -196,11 +201,14 @@ def test_paired_difference_matches_scipy_standard_error():
   assert diff.mean == pytest.approx(np.mean(a) - np.mean(b))
   assert diff.low == pytest.approx(diff.mean - half)
   assert diff.high == pytest.approx(diff.mean + half)
-  assert diff.users == 500 and diff.separated == (diff.low > 0)
+  assert diff.users == 500 and diff.separated is (diff.low > 0)
+  assert all(type(v) is float for v in (diff.mean, diff.low, diff.high))
   same = simulate.paired_difference(a, a)
   assert same.mean == same.low == same.high == 0.0 and not same.separated
   with pytest.raises(ValueError, match='same length'):
     simulate.paired_difference(a, b[:-1])
+  with pytest.raises(ValueError, match='non-finite.*user 3'):
+    simulate.paired_difference(a, np.where(np.arange(500) == 3, np.nan, b))
 
 
 def test_per_user_metrics_average_to_the_reported_ones(setting):
