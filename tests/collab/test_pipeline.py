@@ -182,3 +182,39 @@ def test_a_finished_workdir_refuses_other_stage_settings(smoke_run):
     pipeline.check_workdir_config(
       dataclasses.replace(config, llm_embedding_lr_multiplier=3.0)
     )
+
+
+@pytest.mark.parametrize(
+  'srm, dataset, max_users',
+  [('gru4rec', 'beauty', 150), ('din', 'ml-latest-small', 40)],
+)
+def test_other_srms_and_movielens_run_end_to_end(
+  srm, dataset, max_users, tmp_path
+):
+  config = pipeline.PipelineConfig(
+    **dict(
+      pipeline.PRESETS['smoke'],
+      srm=srm,
+      dataset=dataset,
+      max_users=max_users,
+      workdir=str(tmp_path),
+      ratios=(0.0, 0.1, 1.0),
+    )
+  )
+  results = pipeline.run(config, log=lambda line: None)
+  assert results['num_test_users'] == max_users
+  assert results['config']['srm'] == srm
+  final = results['final_srm']
+  fusion = next(
+    r['metrics']
+    for r in results['rows']
+    if r['name'] == pipeline.fusion_row_name(results['alpha'], final)
+  )
+  always = _rows(results, 'random')[1.0]['metrics']
+  for policy in ('gate', 'gate_topk', 'random', 'random_expected'):
+    rows = _rows(results, policy)
+    assert rows[0.0]['metrics'] == pytest.approx(fusion)
+    assert rows[1.0]['metrics'] == pytest.approx(always)
+  budget = request.request_budget(max_users, 0.1)
+  assert _rows(results, 'gate_topk')[0.1]['traffic']['requests'] == budget
+  assert os.path.getsize(tmp_path / 'results.md') > 0
