@@ -952,9 +952,7 @@ def paired_comparisons(
       continue
     share = request.request_budget(len(chosen), ratio) / len(chosen)
     gated = metrics_of(stale.select(chosen, fresh), alpha)
-    expected = {
-      key: fused[key] + share * (fused_fresh[key] - fused[key]) for key in fused
-    }
+    expected = simulate.random_expectation(fused, fused_fresh, share)
     add('gate - random (expected)', 'ndcg@5', gated, expected, ratio)
   return out
 

@@ -269,6 +269,17 @@ def traffic(
   )
 
 
+def random_expectation(never: dict, always: dict, share: float) -> dict:
+  """Metrics expected when a random `share` of the users request.
+
+  `never` and `always` hold the metrics with no user and with every user
+  requesting, as means or as per-user arrays. A mean over users is linear
+  and each user requests with probability `share`, so the expectation (per
+  user, or of the mean) interpolates between the two exactly.
+  """
+  return {key: never[key] + share * (always[key] - never[key]) for key in never}
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestRun:
   """Metrics and costs of one request policy at one budget.
@@ -363,14 +374,13 @@ def run_policy(
   spent = traffic(requests, history_lengths, list_length)
   expected = expected_spent = None
   if policy == 'random':
-    # Each metric is a mean over users and every user is among the k
-    # requesters with probability k / n, so the expectation interpolates
-    # exactly between no user and every user requesting.
+    # Every user is among the k requesters with probability k / n.
     share = requests.sum() / max(num_users, 1)
-    never, always = metrics_of(stale), metrics_of(fresh)
     expected = {
-      key: float(never[key] + share * (always[key] - never[key]))
-      for key in never
+      key: float(value)
+      for key, value in random_expectation(
+        metrics_of(stale), metrics_of(fresh), share
+      ).items()
     }
     everyone = traffic(np.ones(num_users, bool), history_lengths, list_length)
     expected_spent = dataclasses.replace(

@@ -159,15 +159,14 @@ def test_random_expectation_is_the_mean_over_every_draw():
   )
   kwargs = dict(targets=targets, alpha=0.3, ks=(1, 5))
   lengths = np.arange(1, 8)
-  run = simulate.run_policy(
-    'random',
-    0.3,
+  setting = dict(
     stale=stale,
     fresh=fresh,
     history_lengths=lengths,
-    test_consistency=np.zeros(7),
+    test_consistency=np.arange(7.0),
     **kwargs,
   )
+  run = simulate.run_policy('random', 0.3, **setting)
   draws, bytes_up = [], []
   for pair in itertools.combinations(range(7), 2):
     requests = np.isin(np.arange(7), pair)
@@ -178,15 +177,7 @@ def test_random_expectation_is_the_mean_over_every_draw():
   assert run.metrics in draws  # the seeded draw is one of them
   assert run.traffic.requests == run.expected_traffic.requests == 2
   assert run.expected_traffic.bytes_up == round(np.mean(bytes_up))
-  gate = simulate.run_policy(
-    'gate_topk',
-    0.3,
-    stale=stale,
-    fresh=fresh,
-    history_lengths=lengths,
-    test_consistency=np.arange(7.0),
-    **kwargs,
-  )
+  gate = simulate.run_policy('gate_topk', 0.3, **setting)
   assert gate.expected_metrics is None and gate.expected_traffic is None
 
 
